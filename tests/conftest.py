@@ -1,0 +1,21 @@
+"""Shared fixtures. Broker fixtures live in tests/broker.py (imported below)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+#: Real logs beside the checkout (absent in a user's fresh clone).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data; skips the test with a reason when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real logs not found at {SHARED_DATA} (only present beside the project's CI checkout)")
+    return SHARED_DATA
