@@ -1,0 +1,57 @@
+"""What the cloud sends a device: top-K candidates with compact features.
+
+Shared by the candidate service (producer) and the device runtime (consumer),
+so it lives in its own module with no heavy imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Top-K candidates for one user, best first.
+
+    Args:
+        user_id: raw user id the list was computed for.
+        item_ids: raw item ids (int64), best first.
+        scores: cloud retrieval scores (float32), same order.
+        emb_q: item embeddings quantized to int8, shape (k, d).
+        emb_scale: per-row dequantization scale (float32, shape (k,)): ``emb_q * emb_scale[:, None]``.
+        model_version: version of the cloud model that produced the list.
+        computed_at_ms: log time the list was computed at (for staleness).
+        fallback: None for a personalized list, or why it is not (e.g. "popular" for an unknown user).
+    """
+
+    user_id: int
+    item_ids: np.ndarray
+    scores: np.ndarray
+    emb_q: np.ndarray
+    emb_scale: np.ndarray
+    model_version: int
+    computed_at_ms: int = 0
+    fallback: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def embeddings(self) -> np.ndarray:
+        """Dequantized float32 item embeddings, shape (k, d)."""
+        return self.emb_q.astype(np.float32) * self.emb_scale[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire for the payload (ids, scores, features)."""
+        return int(self.item_ids.nbytes + self.scores.nbytes + self.emb_q.nbytes + self.emb_scale.nbytes)
+
+
+def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 quantization: returns (int8 rows, float32 scales)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    scale = np.abs(vectors).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
