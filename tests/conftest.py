@@ -19,3 +19,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real logs not found at {SHARED_DATA} (only present beside the project's CI checkout)")
     return SHARED_DATA
+
+# Broker fixtures (tansu on loopback); tests/ is on sys.path because it has no __init__.py.
+from broker import broker_process, kafka_bootstrap  # noqa: E402,F401
