@@ -1,0 +1,157 @@
+"""Local learning on the device: the per-user patch and the shared-model gradient.
+
+Why a patch: the shared reranker is the same on every phone (downloaded,
+frozen, int8); what differs per user is a ``patch_dim``-float vector (query
+offset + taste vector, see reranker.py). Fine-tuning only the patch is cheap
+(tens of Adam steps on a few dozen examples), cannot break the shared model,
+and is bounded (step budget per session, L2 pull to zero, norm projection).
+
+Training data is the device's own feedback, stored as *groups* when an
+engagement happens: the engaged item (positive, slot 0) plus items shown or
+cached but not engaged (negatives), with the features and behaviour sequence
+*as they were just before* the engagement (no leakage of the engagement
+itself into its own features). The loss is a listwise softmax over each group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from device_rerank.config import PersonalizeConfig
+from device_rerank.encoders import HardExamples
+from device_rerank.reranker import Reranker
+
+logger = logging.getLogger(__name__)
+
+_PAD_LOGIT = -1e4
+
+
+@dataclass(frozen=True)
+class ExampleGroup:
+    """One engagement: slot 0 is the engaged item, the rest shown-not-engaged items."""
+
+    item_ids: np.ndarray  # (G,) int64
+    cand_emb: np.ndarray  # (G, d) float16
+    cloud_z: np.ndarray  # (G,) float32
+    ctx: np.ndarray  # (G, c) float32
+    seq_emb: np.ndarray  # (L, d) float16
+    seq_feat: np.ndarray  # (L, s) float32
+    seq_mask: np.ndarray  # (L,) float32
+    ts_ms: int
+
+
+class ExampleBuffer:
+    """Bounded FIFO of example groups (the device's own recent feedback)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.groups: deque[ExampleGroup] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def add(self, group: ExampleGroup) -> None:
+        self.groups.append(group)
+
+    def batch(self, index: list[int] | np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+        """Padded tensors (cand_emb, cloud_z, ctx, seq_emb, seq_feat, seq_mask, slot_mask, item_ids)."""
+        gs = list(self.groups) if index is None else [self.groups[int(i)] for i in index]
+        g_max = max(len(g.item_ids) for g in gs)
+        b = len(gs)
+        d = gs[0].cand_emb.shape[1]
+        c = gs[0].ctx.shape[1]
+        cand = np.zeros((b, g_max, d), dtype=np.float32)
+        cz = np.zeros((b, g_max), dtype=np.float32)
+        ctx = np.zeros((b, g_max, c), dtype=np.float32)
+        slot = np.zeros((b, g_max), dtype=np.float32)
+        ids = np.full((b, g_max), -1, dtype=np.int64)
+        for i, g in enumerate(gs):
+            n = len(g.item_ids)
+            cand[i, :n], cz[i, :n], ctx[i, :n], slot[i, :n], ids[i, :n] = g.cand_emb, g.cloud_z, g.ctx, 1.0, g.item_ids
+        seq = np.stack([g.seq_emb for g in gs]).astype(np.float32)
+        sf = np.stack([g.seq_feat for g in gs])
+        sm = np.stack([g.seq_mask for g in gs])
+        t = [torch.from_numpy(x) for x in (cand, cz, ctx, seq, sf, sm, slot)]
+        return (*t, torch.from_numpy(ids))
+
+
+def listwise_loss(scores: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy with the positive in slot 0 (padding slots masked)."""
+    logits = scores + (1.0 - slot_mask) * _PAD_LOGIT
+    return -torch.log_softmax(logits, dim=-1)[:, 0].mean()
+
+
+def fine_tune_patch(
+    model: Reranker,
+    buffer: ExampleBuffer,
+    patch: torch.Tensor,
+    config: PersonalizeConfig,
+    steps: int,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, float]:
+    """Adam on the patch only; returns (new patch, last loss). Shared weights get no gradient."""
+    if len(buffer) == 0 or steps <= 0:
+        return patch, float("nan")
+    p = patch.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=config.lr)
+    full = len(buffer) <= config.batch_groups
+    fixed = buffer.batch() if full else None
+    loss_val = float("nan")
+    for _ in range(steps):
+        if fixed is None:
+            idx = rng.choice(len(buffer), size=config.batch_groups, replace=False)
+            batch = buffer.batch(idx)
+        else:
+            batch = fixed
+        cand, cz, ctx, seq, sf, sm, slot, _ = batch
+        scores = model(cand, cz, ctx, seq, sf, sm, p)
+        loss = listwise_loss(scores, slot) + config.l2 * (p * p).sum()
+        opt.zero_grad(set_to_none=True)
+        (grad,) = torch.autograd.grad(loss, [p])
+        p.grad = grad
+        opt.step()
+        with torch.no_grad():
+            n = float(p.norm())
+            if n > config.max_norm:
+                p.mul_(config.max_norm / n)
+        loss_val = float(loss.detach())
+    return p.detach(), loss_val
+
+
+def shared_gradient(
+    model: Reranker, buffer: ExampleBuffer, patch: torch.Tensor
+) -> tuple[np.ndarray, dict[int, np.ndarray], float]:
+    """Gradient of the local loss w.r.t. the shared weights (flat) and each touched item embedding.
+
+    Uses ``torch.autograd.grad`` so nothing accumulates in the shared model's ``.grad``
+    (many simulated devices share one model object).
+    """
+    cand, cz, ctx, seq, sf, sm, slot, ids = buffer.batch()
+    cand = cand.requires_grad_(True)
+    loss = listwise_loss(model(cand, cz, ctx, seq, sf, sm, patch.detach()), slot)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params + [cand], allow_unused=True)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads[:-1], params)])
+    g_cand = grads[-1].numpy()
+    rows: dict[int, np.ndarray] = {}
+    ids_np = ids.numpy()
+    for item in np.unique(ids_np[ids_np >= 0]).tolist():
+        rows[int(item)] = g_cand[ids_np == item].sum(axis=0).astype(np.float32)
+    return flat.numpy().astype(np.float32), rows, float(loss.detach())
+
+
+def buffer_examples(model: Reranker, buffer: ExampleBuffer, patch: torch.Tensor) -> tuple[HardExamples, np.ndarray]:
+    """All buffered (item, label, features) rows and the device model's scores for them."""
+    cand, cz, ctx, seq, sf, sm, slot, ids = buffer.batch()
+    with torch.no_grad():
+        scores = model(cand, cz, ctx, seq, sf, sm, patch).numpy()
+    keep = slot.numpy() > 0
+    labels = np.zeros_like(keep, dtype=np.uint8)
+    labels[:, 0] = 1
+    feats = np.concatenate([ctx.numpy(), cz.numpy()[..., None], scores[..., None]], axis=-1)
+    ex = HardExamples(ids.numpy()[keep], labels[keep], feats[keep].astype(np.float32))
+    return ex, scores[keep]
