@@ -1,0 +1,248 @@
+"""Candidate generation: user vector -> FAISS top-k -> ``Candidates`` payload for devices.
+
+Unknown users get the time-decayed popularity list, flagged ``fallback="popular"``
+(or ``UnknownUser`` in strict mode). Availability (streams going live/offline)
+is kept as per-item transitions, so a query ``at_ms`` in the past sees what was
+live then; items never mentioned by availability events are always available
+(feeds, movies).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Sequence
+
+import numpy as np
+
+from cloud_recsys.candidates import Candidates, quantize_rows
+from cloud_recsys.index import IndexConfig, ItemIndex
+from cloud_recsys.popularity import Popularity
+from cloud_recsys.trainer import OnlineTrainer
+from streams.batch import EventBatch
+from streams.schema import EventKind
+
+log = logging.getLogger(__name__)
+
+#: Largest k a request may ask for.
+MAX_K: int = 1000
+
+
+class UnknownUser(KeyError):
+    """A strict request for a user the model has never seen."""
+
+
+class Availability:
+    """Live/offline transitions per item, answerable at any time."""
+
+    def __init__(self, max_transitions: int = 64) -> None:
+        self.max_transitions = max_transitions
+        self._ts: dict[int, list[int]] = {}
+        self._live: dict[int, list[bool]] = {}
+        self._offline_now: set[int] = set()
+        self._lock = threading.Lock()
+
+    def set(self, item_ids: Sequence[int] | np.ndarray, live: bool, ts_ms: int | Sequence[int] | np.ndarray | None = None) -> None:
+        """Record that items went live/offline at ``ts_ms`` (default: now, i.e. after every transition)."""
+        ids = np.asarray(item_ids, dtype=np.int64).ravel()
+        ts = np.broadcast_to(np.asarray(2**62 - 1 if ts_ms is None else ts_ms, dtype=np.int64), ids.shape)
+        with self._lock:
+            for item, t in zip(ids.tolist(), ts.tolist()):
+                tss, lv = self._ts.setdefault(item, []), self._live.setdefault(item, [])
+                pos = bisect.bisect_right(tss, t)
+                tss.insert(pos, t)
+                lv.insert(pos, bool(live))
+                if len(tss) > self.max_transitions:
+                    del tss[0], lv[0]
+                if lv[-1]:
+                    self._offline_now.discard(item)
+                else:
+                    self._offline_now.add(item)
+
+    def offline(self, at_ms: int | None = None) -> np.ndarray:
+        """Ids not available at ``at_ms`` (None: the latest state)."""
+        with self._lock:
+            if at_ms is None:
+                return np.fromiter(self._offline_now, dtype=np.int64, count=len(self._offline_now))
+            out = []
+            for item, tss in self._ts.items():
+                pos = bisect.bisect_right(tss, at_ms)
+                lv = self._live[item]
+                live = (not lv[0]) if pos == 0 else lv[pos - 1]  # before the first transition: its opposite
+                if not live:
+                    out.append(item)
+            return np.asarray(out, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ts)
+
+
+class CandidateService:
+    """Serves top-k candidates from the trainer's towers through a hot-swappable index.
+
+    Args:
+        trainer: the online two-tower trainer (user vectors at query time, item vectors at refresh).
+        index_config: FAISS index kind and search knobs.
+        k: default candidates per request.
+        exclude_seen: drop items in the user's recent history (standard for MovieLens; off for
+            feeds where re-engagement is normal).
+        popularity: fallback ranking (default: the trainer's, fed by the same stream).
+    """
+
+    def __init__(
+        self,
+        trainer: OnlineTrainer,
+        index_config: IndexConfig | None = None,
+        k: int = 100,
+        exclude_seen: bool = False,
+        popularity: Popularity | None = None,
+    ) -> None:
+        self.trainer = trainer
+        self.index = ItemIndex(trainer.config.out_dim, index_config)
+        self.default_k = self.check_k(k)
+        self.exclude_seen = exclude_seen
+        self.popularity = popularity if popularity is not None else trainer.popularity
+        self.availability = Availability()
+        self.model_version = 0
+        self.stats: dict[str, int] = {"requests": 0, "users_served": 0, "fallbacks": 0, "unknown_strict": 0, "refreshes": 0}
+        self.latency_s: deque[float] = deque(maxlen=2048)
+        self._stats_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        if len(trainer.items):
+            self.refresh()
+
+    # -- model refresh -----------------------------------------------------------------
+    def refresh(self) -> int:
+        """Re-export item vectors, build a new index off the hot path and swap it in.
+
+        Bumps ``trainer.version``; returns the new model version.
+        """
+        with self._refresh_lock:
+            ids, vecs = self.trainer.item_vectors()
+            fresh = ItemIndex(self.index.dim, self.index.config)
+            if len(ids):
+                fresh.build(ids, vecs)
+            self.index.swap(fresh)
+            self.trainer.version += 1
+            self.model_version = self.trainer.version
+            with self._stats_lock:
+                self.stats["refreshes"] += 1
+            log.info("refreshed candidate index: %d items, model version %d", len(ids), self.model_version)
+            return self.model_version
+
+    # -- availability ------------------------------------------------------------------
+    def set_live(self, item_ids: Sequence[int] | np.ndarray, live: bool, ts_ms: int | None = None) -> None:
+        """Mark items live/offline (from ``ts_ms``; default now)."""
+        self.availability.set(item_ids, live, ts_ms)
+
+    def apply_availability(self, batch: EventBatch) -> int:
+        """Apply STREAM_LIVE/STREAM_OFFLINE rows of ``batch`` at their timestamps; returns rows applied."""
+        n = 0
+        for kind, live in ((EventKind.STREAM_LIVE, True), (EventKind.STREAM_OFFLINE, False)):
+            m = batch.kind == int(kind)
+            if m.any():
+                self.availability.set(batch.item_id[m], live, batch.ts_ms[m])
+                n += int(m.sum())
+        return n
+
+    # -- requests ----------------------------------------------------------------------
+    @staticmethod
+    def check_k(k: Any) -> int:
+        """Validate a requested k (``ValueError`` with the reason)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise ValueError(f"k must be an integer, got {k!r}")
+        if not 0 < int(k) <= MAX_K:
+            raise ValueError(f"k must be in 1..{MAX_K}, got {k}")
+        return int(k)
+
+    @staticmethod
+    def _check_user(user_id: Any) -> int:
+        if isinstance(user_id, bool) or not isinstance(user_id, (int, np.integer)) or user_id < 0:
+            raise ValueError(f"user_id must be a non-negative integer, got {user_id!r}")
+        return int(user_id)
+
+    def candidates(self, user_id: int, k: int | None = None, at_ms: int | None = None, strict: bool = False) -> Candidates:
+        """Top-``k`` live candidates for one user, best first.
+
+        Raises:
+            ValueError: bad ``user_id`` or ``k``.
+            UnknownUser: ``strict`` and the user is unknown (otherwise: popularity, flagged).
+        """
+        return self.candidates_batch([user_id], k, at_ms, strict)[0]
+
+    def candidates_batch(
+        self, user_ids: Sequence[int] | np.ndarray, k: int | None = None, at_ms: int | None = None, strict: bool = False
+    ) -> list[Candidates]:
+        """``candidates`` for many users with one tower pass and one index search."""
+        t0 = time.perf_counter()
+        k = self.default_k if k is None else self.check_k(k)
+        users = np.array([self._check_user(u) for u in user_ids], dtype=np.int64)
+        if at_ms is not None and (isinstance(at_ms, bool) or not isinstance(at_ms, (int, np.integer)) or at_ms < 0):
+            raise ValueError(f"at_ms must be a non-negative integer, got {at_ms!r}")
+        known = self.trainer.known_users(users) if len(users) else np.zeros(0, bool)
+        if strict and not known.all():
+            with self._stats_lock:
+                self.stats["unknown_strict"] += 1
+            raise UnknownUser(f"unknown user(s): {users[~known][:10].tolist()}")
+        blocked = self.availability.offline(at_ms)
+        out: list[Candidates | None] = [None] * len(users)
+        idx_known = np.flatnonzero(known)
+        if len(idx_known) and len(self.index):
+            q = self.trainer.user_vectors(users[idx_known], at_ms)
+            seen: list[np.ndarray] = [np.empty(0, np.int64)] * len(idx_known)
+            extra = 0
+            if self.exclude_seen:
+                rows = self.trainer.users.lookup(users[idx_known])
+                seen = [self.trainer.items.to_raw(self.trainer.history.read(np.array([r]))[0]) for r in rows.tolist()]
+                extra = max(len(s) for s in seen)
+            scores, ids = self.index.search(q, k + extra, blocked=blocked)
+            for j, pos in enumerate(idx_known.tolist()):
+                keep = ids[j] >= 0
+                if extra:
+                    keep &= ~np.isin(ids[j], seen[j])
+                out[pos] = self._pack(int(users[pos]), ids[j][keep][:k], scores[j][keep][:k], at_ms, None)
+        for pos in range(len(users)):
+            if out[pos] is None:
+                pid, psc = self.popularity.top(k, exclude=blocked)
+                out[pos] = self._pack(int(users[pos]), pid, psc, at_ms, "popular")
+        dt = time.perf_counter() - t0
+        with self._stats_lock:
+            self.stats["requests"] += 1
+            self.stats["users_served"] += len(users)
+            self.stats["fallbacks"] += sum(1 for c in out if c is not None and c.fallback)
+            self.latency_s.append(dt)
+        return out  # type: ignore[return-value]
+
+    def _pack(self, user_id: int, ids: np.ndarray, scores: np.ndarray, at_ms: int | None, fallback: str | None) -> Candidates:
+        vecs, _ = self.index.vectors(ids)
+        q, scale = quantize_rows(vecs) if len(ids) else (np.zeros((0, self.index.dim), np.int8), np.zeros(0, np.float32))
+        return Candidates(
+            user_id=user_id,
+            item_ids=np.asarray(ids, dtype=np.int64),
+            scores=np.asarray(scores, dtype=np.float32),
+            emb_q=q,
+            emb_scale=scale,
+            model_version=self.model_version,
+            computed_at_ms=int(at_ms) if at_ms is not None else int(time.time() * 1000),
+            fallback=fallback,
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters, latency percentiles and model state (for /metrics)."""
+        with self._stats_lock:
+            lat = np.array(self.latency_s) * 1000.0
+            stats = dict(self.stats)
+        return {
+            **stats,
+            "latency_ms_p50": float(np.percentile(lat, 50)) if len(lat) else None,
+            "latency_ms_p99": float(np.percentile(lat, 99)) if len(lat) else None,
+            "model_version": self.model_version,
+            "items_indexed": len(self.index),
+            "index_kind": self.index.kind,
+            "events_trained": self.trainer.events_trained,
+            "known_users": len(self.trainer.users),
+            "offline_items": int(len(self.availability.offline())),
+        }
