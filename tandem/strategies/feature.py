@@ -1,0 +1,18 @@
+"""Feature-based collaboration: devices send a compact interest vector; the cloud retrieves with it."""
+
+from __future__ import annotations
+
+from tandem.strategies.base import Strategy
+
+
+class FeatureStrategy(Strategy):
+    """Device rerank plus a 4+d byte interest vector after engagements (subject to the policy).
+
+    The cloud keeps the latest vector per user and blends it into the retrieval
+    query, so a user's next fetch reflects what they did since the cloud last saw them.
+    """
+
+    name = "feature"
+    families = ("feature",)
+    upload_on = "engagement"
+    description = "device rerank + interest vector upload (int8) used in cloud retrieval"

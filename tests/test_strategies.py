@@ -1,0 +1,72 @@
+"""Strategy registry and interface: selectable by name, pluggable without touching the loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device_rerank.config import DeviceConfig
+from device_rerank.policy import AlwaysUpload, DriftTriggered
+from streams.datasets.synthetic import SyntheticConfig, generate
+from tandem.evaluation.prequential import EvalConfig, run_prequential
+from tandem.strategies import STRATEGIES, Strategy, make_strategies, register
+from tandem.strategies.base import Strategy as BaseStrategy
+
+
+def test_registry_names() -> None:
+    assert set(STRATEGIES) == {"cloud-only", "device-rerank", "feature", "federated", "data", "hybrid"}
+    assert [s.name for s in make_strategies("all")] == list(STRATEGIES)
+    assert [s.name for s in make_strategies("cloud-only, feature")] == ["cloud-only", "feature"]
+    with pytest.raises(KeyError):
+        make_strategies("cloud-only,nope")
+
+
+def test_what_each_device_runs_and_sends() -> None:
+    s = {k: v() for k, v in STRATEGIES.items()}
+    assert not s["cloud-only"].rerank and s["cloud-only"].families == ()
+    assert s["device-rerank"].rerank and s["device-rerank"].families == ()
+    assert s["feature"].families_for("engagement") == ("feature",) and s["feature"].families_for("fetch") == ()
+    assert s["federated"].families_for("fetch") == ("parameter",)
+    assert s["data"].families_for("fetch") == ("data",)
+    assert s["data"].device_config(DeviceConfig()).data.consent is True
+    assert s["feature"].device_config(DeviceConfig()).data.consent is False
+    assert s["hybrid"].families_for("engagement") == ("feature",) and s["hybrid"].families_for("fetch") == ("parameter",)
+    assert s["hybrid"].personalize_steps > 0
+    assert isinstance(s["feature"].policy, AlwaysUpload)
+    drift = STRATEGIES["feature"](policy_factory=lambda: DriftTriggered(0.2), label="feature[drift=0.2]")
+    assert isinstance(drift.policy, DriftTriggered) and drift.label == "feature[drift=0.2]"
+    drift.reset()
+    assert isinstance(drift.policy, DriftTriggered)
+
+
+def test_a_new_strategy_plugs_in_without_touching_the_loop() -> None:
+    class Periodic(BaseStrategy):
+        name = "test-periodic-feature"
+        families = ("feature",)
+        upload_on = "fetch"
+
+        calls = 0
+
+        def aggregate(self, round, updates, cloud):  # type: ignore[no-untyped-def]
+            type(self).calls += 1
+            return super().aggregate(round, updates, cloud)
+
+    register(Periodic)
+    try:
+        assert issubclass(STRATEGIES["test-periodic-feature"], Strategy)
+        world = generate(SyntheticConfig(events=1500, users=30, items=40, days=2.0, seed=1))
+        res = run_prequential(world, make_strategies("cloud-only,test-periodic-feature"), EvalConfig(refresh_every=300, batch_size=100, n_boot=20))
+        r = res.get("test-periodic-feature")
+        assert r.uploads > 0 and Periodic.calls >= 4
+        assert len(r.points.rank) == len(res.get("cloud-only").points.rank)
+    finally:
+        STRATEGIES.pop("test-periodic-feature", None)
+    with pytest.raises(TypeError):
+        register(int)  # type: ignore[arg-type]
+
+
+def test_labels_must_be_unique() -> None:
+    world = generate(SyntheticConfig(events=200, users=10, items=20, days=1.0, seed=1))
+    with pytest.raises(ValueError):
+        run_prequential(world, [STRATEGIES["feature"](), STRATEGIES["feature"]()], EvalConfig(n_boot=10))
+    assert np.isfinite(run_prequential(world, make_strategies("cloud-only"), EvalConfig(n_boot=10)).get("cloud-only").metrics["HR@50"].mean)
