@@ -50,6 +50,8 @@ class IndexConfig:
         exact_filter_below: filtered searches whose allowed set is smaller than this run
             exactly over the allowed rows (IVF would miss items outside probed cells).
         threads: FAISS OpenMP threads (0 leaves FAISS's default).
+        train_sample: IVF k-means trains on at most this many random vectors (None: all;
+            FAISS itself caps at 256 per cell); every vector is still added to the index.
     """
 
     kind: str = "auto"
@@ -60,12 +62,15 @@ class IndexConfig:
     auto_ivf_min: int = 50_000
     exact_filter_below: int = 4096
     threads: int = 0
+    train_sample: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"index kind must be one of {KINDS}, got {self.kind!r}")
         if self.nprobe <= 0 or (self.nlist is not None and self.nlist <= 0):
             raise ValueError("nprobe and nlist must be positive")
+        if self.train_sample is not None and self.train_sample <= 0:
+            raise ValueError(f"train_sample must be positive or None, got {self.train_sample}")
 
 
 class _RWLock:
@@ -219,7 +224,11 @@ class ItemIndex:
             index = faiss.IndexIDMap2(inner)
         else:
             index = faiss.index_factory(d, f"IVF{self._nlist(len(ids))},Flat", faiss.METRIC_INNER_PRODUCT)
-            index.train(vecs)
+            train = vecs
+            if self.config.train_sample is not None and len(vecs) > self.config.train_sample:
+                pick = np.random.default_rng(0).choice(len(vecs), self.config.train_sample, replace=False)
+                train = vecs[np.sort(pick)]
+            index.train(train)
             index.set_direct_map_type(faiss.DirectMap.Hashtable)
             index.nprobe = self.config.nprobe
         store = _Store(d)
@@ -256,6 +265,17 @@ class ItemIndex:
             self._index, self._store, self._kind = new
             self.generation += 1
         log.info("index swapped: %s with %d items (generation %d)", self._kind, self._index.ntotal, self.generation)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Change IVF cells probed per query on the live index (recall/speed knob; no rebuild)."""
+        if nprobe <= 0:
+            raise ValueError(f"nprobe must be positive, got {nprobe}")
+        from dataclasses import replace
+
+        with self._lock.write():
+            self.config = replace(self.config, nprobe=int(nprobe))
+            if self._kind == "ivf":
+                faiss.extract_index_ivf(self._index).nprobe = int(nprobe)
 
     # -- mutation --------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:

@@ -3,9 +3,11 @@
 The device/aggregation side (cloud_recsys/aggregate.py, tandem/strategies) calls
 one ``RefreshHook`` per cloud model:
 
-* parameter family -> ``apply_embedding_deltas({raw id: delta}, table="item"|"user")``:
-  deltas of ``embedding_dim`` go into the sparse table rows; deltas of ``out_dim``
-  (the item features devices receive in ``Candidates``) are output-space residuals.
+* parameter family -> ``apply_embedding_deltas({raw id: delta}, table="item"|"user", space=...)``:
+  ``space="table"`` deltas (``embedding_dim``) go into the sparse table rows;
+  ``space="output"`` deltas (``out_dim``: the item features devices receive in
+  ``Candidates``) are output-space residuals. ``apply_item_deltas`` (the aggregator's
+  entry) is always output space; "auto" picks by width and refuses when the widths match.
 * feature family -> ``apply_user_vectors({raw user id: vector}, weight)``: uploaded
   interest vectors blend into (weight 1.0: replace) the user's retrieval query at
   once - no index refresh needed.
@@ -73,15 +75,26 @@ class RefreshHook:
         self._lock = threading.Lock()
 
     # -- the three update families -------------------------------------------------------
-    def apply_embedding_deltas(self, deltas: dict[int, np.ndarray], table: str = "item") -> int:
-        """Add aggregated deltas to embedding rows (raw id -> delta); returns rows changed."""
-        n = self.trainer.apply_embedding_deltas(table, deltas)
-        with self._lock:
-            self._pending_item_changes += n
+    def apply_embedding_deltas(self, deltas: dict[int, np.ndarray], table: str = "item", space: str = "auto") -> int:
+        """Add aggregated deltas to embedding rows (raw id -> delta); returns rows changed.
+
+        Additive, so not idempotent: replayed envelopes are rejected upstream
+        (``UpdateVerifier`` "replayed"). Item rows count towards the refresh schedule
+        (serving sees them only after the index is rebuilt); user rows do not (user
+        vectors are computed at query time).
+        """
+        n = self.trainer.apply_embedding_deltas(table, deltas, space)
+        if table == "item":
+            with self._lock:
+                self._pending_item_changes += n
         return n
 
     def apply_user_vectors(self, vectors: dict[int, np.ndarray], weight: float | None = None) -> int:
-        """Uploaded user-interest vectors (raw user id -> (out_dim,)); used at query time at once."""
+        """Uploaded user-interest vectors (raw user id -> (out_dim,)); used at query time at once.
+
+        Idempotent: a vector replaces the user's previous upload (blending with the model's
+        vector happens at query time), so applying the same update twice changes nothing.
+        """
         return self.trainer.set_user_vectors(vectors, weight)
 
     def add_training_examples(self, batch: EventBatch) -> dict[str, float]:
@@ -92,7 +105,8 @@ class RefreshHook:
 
     # AggregationTarget-compatible names (cloud_recsys/aggregate.py)
     def apply_item_deltas(self, deltas: dict[int, np.ndarray]) -> None:
-        self.apply_embedding_deltas(deltas, table="item")
+        """Aggregated device item-row deltas: devices hold the candidate features, i.e. output space."""
+        self.apply_embedding_deltas(deltas, table="item", space="output")
 
     def set_user_vectors(self, vectors: dict[int, np.ndarray]) -> None:
         self.apply_user_vectors(vectors)

@@ -406,17 +406,31 @@ class OnlineTrainer:
                 kept += 1
         return kept
 
-    def apply_embedding_deltas(self, table: str, deltas: dict[int, np.ndarray]) -> int:
+    def apply_embedding_deltas(self, table: str, deltas: dict[int, np.ndarray], space: str = "auto") -> int:
         """Add aggregated deltas to rows of ``table`` ("item" or "user"), keyed by raw id.
 
-        A delta of width ``embedding_dim`` goes into the sparse table row; one of width
-        ``out_dim`` (what devices hold: the candidate item features) is kept as an
-        output-space residual added to that item's exported vector. Unknown ids and
-        bad shapes are skipped with a warning. Returns rows changed.
+        Args:
+            table: "item" or "user".
+            deltas: raw id -> delta.
+            space: "table": width ``embedding_dim``, added to the sparse table row;
+                "output" (items only): width ``out_dim``, the space devices hold (the
+                candidate item features), kept as a residual added to the exported vector;
+                "auto": decided by the width, which is ambiguous (``ValueError``) when
+                ``embedding_dim == out_dim`` (the default config), so callers that know
+                the space must say it.
+        Unknown ids, non-finite values and bad widths are skipped with a warning. Returns rows changed.
         """
         if table not in ("item", "user"):
             raise ValueError(f"table must be 'item' or 'user', got {table!r}")
+        if space not in ("auto", "table", "output"):
+            raise ValueError(f"space must be 'auto', 'table' or 'output', got {space!r}")
+        if space == "output" and table != "item":
+            raise ValueError("output-space deltas exist only for items (user vectors: set_user_vectors)")
         cfg = self.config
+        if space == "auto" and table == "item" and cfg.embedding_dim == cfg.out_dim:
+            raise ValueError(
+                f"embedding_dim == out_dim == {cfg.out_dim}: say space='table' or space='output' for item deltas"
+            )
         idmap = self.items if table == "item" else self.users
         weight = self.model.ebc.embedding_bags["t_item" if table == "item" else "t_user"].weight
         changed = 0
@@ -427,13 +441,13 @@ class OnlineTrainer:
                 if row < 0 or not np.isfinite(d).all():
                     log.warning("skipping %s delta for id %s: unknown id or non-finite", table, raw)
                     continue
-                if d.shape == (cfg.embedding_dim,):
+                if space in ("auto", "table") and d.shape == (cfg.embedding_dim,):
                     weight[row] += torch.from_numpy(d)
-                elif table == "item" and d.shape == (cfg.out_dim,):
+                elif space in ("auto", "output") and table == "item" and d.shape == (cfg.out_dim,):
                     prev = self.item_residuals.get(int(raw))
                     self.item_residuals[int(raw)] = d if prev is None else prev + d
                 else:
-                    log.warning("skipping %s delta for id %s: shape %s", table, raw, d.shape)
+                    log.warning("skipping %s delta for id %s: shape %s (space %s)", table, raw, d.shape, space)
                     continue
                 changed += 1
         return changed

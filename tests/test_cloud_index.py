@@ -144,3 +144,25 @@ def test_serialize_roundtrip_and_bad_input() -> None:
     empty = ItemIndex(DIM)
     s, got = empty.search(v[:2], 3)
     assert (got == -1).all()
+
+
+def test_set_nprobe_trades_recall_without_rebuild_and_train_sample() -> None:
+    ids, v = clustered(6000, seed=3)
+    ix = ItemIndex(DIM, IndexConfig(kind="ivf", nlist=64, nprobe=1, train_sample=2500))
+    ix.build(ids, v)
+    assert len(ix) == 6000  # trained on a sample, every vector indexed
+    gen = ix.generation
+    q = v[:100] + 0.05
+    _, exact = ix.exact_search(q, 50)
+
+    def rec() -> float:
+        _, got = ix.search(q, 50)
+        return float(np.mean([len(set(a) & set(b)) / 50 for a, b in zip(got, exact)]))
+
+    low = rec()
+    ix.set_nprobe(64)  # every cell: exact
+    assert rec() == 1.0 > low and ix.generation == gen and ix.config.nprobe == 64
+    with pytest.raises(ValueError):
+        ix.set_nprobe(0)
+    with pytest.raises(ValueError, match="train_sample"):
+        IndexConfig(train_sample=0)

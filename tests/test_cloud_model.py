@@ -209,3 +209,15 @@ def test_recall_and_ndcg_match_hand_computed_values() -> None:
     # user 1: hits at ranks 2 and 4 -> (1/log2(3) + 1/log2(5)) / (1 + 1/log2(3) + 1/log2(4))
     u1 = (1 / np.log2(3) + 1 / np.log2(5)) / (1 + 1 / np.log2(3) + 1 / np.log2(4))
     assert ndcg_at_k(ranked, truth, 4) == pytest.approx((u1 + 1.0) / 2)
+
+
+def test_popularity_prior_folds_into_inner_products() -> None:
+    from cloud_recsys.retrieval_eval import with_popularity_prior
+
+    rng = np.random.default_rng(0)
+    q, v = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+    counts = np.array([10.0, 1.0, 0.0, 5.0, 4.0])
+    q2, v2 = with_popularity_prior(q, v, counts, temperature=0.05, beta=2.0)
+    logq = np.log(np.maximum(counts, 0.5) / counts.sum())
+    assert q2.shape == (3, 5) and v2.shape == (5, 5)
+    assert np.allclose(q2 @ v2.T, q @ v.T + 2.0 * 0.05 * logq[None, :], atol=1e-5)
