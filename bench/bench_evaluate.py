@@ -42,9 +42,13 @@ def main(argv: list[str]) -> int:
             print(f"FAILED {src}: {res.exception!r}")
             return 1
         rows.append((src, wall))
+    import json
+
     for src, wall in rows:
         verdict = "OK" if wall < TARGET_S else "OVER TARGET"
         print(f"{src:10s} wall {wall:7.1f} s  (target < {TARGET_S} s) {verdict}")
+        res = json.loads((Path("runs/bench-evaluate") / src / "results.json").read_text())
+        print("           loop timing: " + ", ".join(f"{k}={v:.0f}s" for k, v in res["timings"].items()))
     return 0
 
 

@@ -63,7 +63,7 @@ def table_rows(result: EvaluationResult) -> list[dict[str, str]]:
                 "NDCG@10 new": _fmt_ci(r, "NDCG@10", "new_metrics"),
                 "up/dev-day": _fmt_bytes(r.bytes_up_per_device_day),
                 "down/dev-day": _fmt_bytes(r.bytes_down_per_device_day),
-                "rerank p50/p95 ms": f"{r.latency['p50_ms']:.2f}/{r.latency['p95_ms']:.2f}" if r.latency else "-",
+                "rerank p50/p99 ms": f"{r.latency['p50_ms']:.2f}/{r.latency['p99_ms']:.2f}" if r.latency else "-",
             }
         )
     return rows
@@ -174,6 +174,7 @@ def render_markdown(result: EvaluationResult, plot_names: list[str]) -> str:
         lines += ["## Upload policy sweep (bytes vs NDCG@10)", "", markdown_table(_frontier_rows(result)), ""]
     lines += ["## All cut-offs", "", markdown_table(cutoff_rows(result)), ""]
     lines += ["## Staleness and traffic", "", markdown_table(_ops_rows(result)), ""]
+    lines += ["## Timing", "", markdown_table(timing_rows(result)), ""]
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     lines += ["## Plots", ""] + [f"![{n}]({n})" for n in plot_names] + [""]
@@ -193,6 +194,13 @@ def _frontier_rows(result: EvaluationResult) -> list[dict[str, str]]:
         }
         for p in result.frontier
     ]
+
+
+def timing_rows(result: EvaluationResult) -> list[dict[str, str]]:
+    """Where the replay's wall time went (the loop's own breakdown) plus the command's total."""
+    rows = [{"part": k.removesuffix("_s"), "seconds": f"{v:.1f}"} for k, v in result.timings.items()]
+    rows.append({"part": "total (command wall)", "seconds": f"{result.wall_s:.1f}"})
+    return rows
 
 
 def _ops_rows(result: EvaluationResult) -> list[dict[str, str]]:
@@ -245,6 +253,7 @@ def render_html(result: EvaluationResult, pngs: dict[str, bytes]) -> str:
     if result.frontier:
         parts += ["<h2>Upload policy sweep</h2>", table(_frontier_rows(result))]
     parts += ["<h2>All cut-offs</h2>", table(cutoff_rows(result)), "<h2>Staleness and traffic</h2>", table(_ops_rows(result))]
+    parts += ["<h2>Timing</h2>", table(timing_rows(result))]
     if result.notes:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in result.notes] + ["</ul>"]
     parts += ["<h2>Plots</h2>", imgs, "</body></html>"]

@@ -29,6 +29,9 @@ def test_what_each_device_runs_and_sends() -> None:
     assert s["federated"].families_for("fetch") == ("parameter",)
     assert s["data"].families_for("fetch") == ("data",)
     assert s["data"].device_config(DeviceConfig()).data.consent is True
+    assert s["data"].device_config(DeviceConfig()).data.sample_rate < 1.0  # near-uniform sample, not hardest-only
+    assert STRATEGIES["data"](example_sample_rate=1.0).device_config(DeviceConfig()).data.sample_rate == 1.0
+    assert s["hybrid"].device_config(DeviceConfig()).personalize.max_norm < DeviceConfig().personalize.max_norm
     assert s["feature"].device_config(DeviceConfig()).data.consent is False
     assert s["hybrid"].families_for("engagement") == ("feature",) and s["hybrid"].families_for("fetch") == ("parameter",)
     assert s["hybrid"].personalize_steps > 0
@@ -70,3 +73,12 @@ def test_labels_must_be_unique() -> None:
     with pytest.raises(ValueError):
         run_prequential(world, [STRATEGIES["feature"](), STRATEGIES["feature"]()], EvalConfig(n_boot=10))
     assert np.isfinite(run_prequential(world, make_strategies("cloud-only"), EvalConfig(n_boot=10)).get("cloud-only").metrics["HR@50"].mean)
+
+
+def test_split_by_cost_balances_and_covers() -> None:
+    from tandem.evaluation.prequential import split_by_cost
+
+    strats = make_strategies("all")
+    groups = split_by_cost(strats, 2)
+    assert sorted(i for g in groups for i in g) == list(range(len(strats))) and len(groups) == 2
+    assert split_by_cost(strats[:1], 4) == [[0]]

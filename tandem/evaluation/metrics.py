@@ -99,13 +99,22 @@ class PredictionLog:
 
     def add(self, user: int, ts_ms: int, ranking: np.ndarray, target: int, repeat: bool, relevant: set[int] | None = None) -> int:
         """Score one prediction point; returns the target's rank (0 = miss)."""
-        r = rank_of(ranking, target)
+        top = np.asarray(ranking)[: max(self.ks)].tolist() if len(self.ks) else []
+        pos: dict[int, int] = {}
+        for i, x in enumerate(top):
+            pos.setdefault(int(x), i)
+        r = pos.get(int(target), -1) + 1
+        if r == 0 and len(ranking) > len(top):
+            r = rank_of(ranking, target)
         rel = relevant if relevant else {int(target)}
+        hits = sorted(pos[i] for i in rel if i in pos)
+        n_rel = len(rel)
         self._user.append(int(user))
         self._ts.append(int(ts_ms))
         self._rank.append(r)
         self._repeat.append(bool(repeat))
-        self._recall.append(tuple(recall_at_k(ranking, rel, k) for k in self.ks))
+        # |top-k ∩ relevant| / |relevant| for every k (= recall_at_k, one pass over the list)
+        self._recall.append(tuple(sum(1 for h in hits if h < k) / n_rel for k in self.ks))
         return r
 
     def __len__(self) -> int:

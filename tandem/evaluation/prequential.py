@@ -43,6 +43,7 @@ from cloud_recsys.candidates import Candidates, quantize_rows
 from device_rerank.config import CTX_FEATURES, DeviceConfig, RerankerConfig
 from device_rerank.device import Device
 from device_rerank.encoders import HardExamples
+from device_rerank.features import ItemCache
 from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, UpdateVerifier
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
@@ -164,13 +165,79 @@ class LiveIndex:
 
 
 # -- devices ----------------------------------------------------------------------
+class BatchLRUCache(ItemCache):
+    """``ItemCache`` whose ``put`` evicts all the slots it needs at once.
+
+    ``ItemCache.put`` runs an ``argmin`` over every slot for each new item once the cache
+    is full; a fetch of 100 mostly new items then costs 100 scans (it was the part of the
+    replay that grew with time). Here the least recently used slots not refreshed by this
+    put are taken in one stable sort. Same LRU policy; only ties between items of one older
+    put may be broken differently.
+    """
+
+    def put(self, item_ids: np.ndarray, emb_q: np.ndarray, emb_scale: np.ndarray) -> None:  # type: ignore[override]
+        self._clock += 1
+        ids = np.asarray(item_ids, dtype=np.int64).tolist()
+        slots = np.empty(len(ids), dtype=np.int64)
+        new: list[int] = []
+        first: dict[int, int] = {}
+        for i, item in enumerate(ids):
+            slot = self._slot.get(item)
+            if slot is None:
+                j = first.get(item)
+                if j is None:
+                    first[item] = i
+                    new.append(i)
+                    slots[i] = -1
+                else:
+                    slots[i] = -(j + 2)  # duplicate of a new item in this put
+            else:
+                slots[i] = slot
+                self._used[slot] = self._clock
+        if new:
+            free = self.capacity - len(self._slot)
+            take = list(range(len(self._slot), len(self._slot) + min(free, len(new))))
+            need = len(new) - len(take)
+            if need > 0:
+                used = self._used.copy()
+                used[slots[slots >= 0]] = np.iinfo(np.int64).max  # refreshed by this put
+                used[take] = np.iinfo(np.int64).max  # free slots already handed out
+                victims = np.argsort(used, kind="stable")[:need]
+                for v in victims.tolist():
+                    del self._slot[int(self._ids[v])]
+                take += victims.tolist()
+            for i, slot in zip(new, take):
+                self._slot[ids[i]] = slot
+                self._ids[slot] = ids[i]
+                slots[i] = slot
+                self._used[slot] = self._clock
+            for i in new[len(take) :]:  # more new items than capacity: the tail is not cached
+                slots[i] = -1
+        dup = slots < -1
+        if dup.any():
+            slots[dup] = slots[-(slots[dup] + 2)]
+        ok = slots >= 0
+        self._q[slots[ok]] = np.asarray(emb_q)[ok]
+        self._scale[slots[ok]] = np.asarray(emb_scale)[ok]
+
+
 class LazyDevice(Device):
     """``Device`` that defers re-scoring to the next ``ranking`` call.
 
     Same rankings as ``Device`` (ranking re-scores whenever something changed since the
     last score), but a trigger followed by another trigger before anyone looks costs one
     forward pass instead of two - the replay calls ``observe`` then ``ranking`` per event.
+
+    ``record_examples`` (set by the loop) is False for strategies that never use the
+    example buffer (no parameter/data uploads, no personalization): building training
+    groups there is pure cost, and nothing they rank or send depends on it.
     """
+
+    record_examples: bool = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cache = BatchLRUCache(self.cache.capacity, self.cache.dim)
 
     def _rescore(self, at_ms: int) -> None:  # type: ignore[override]
         self._dirty = True
@@ -183,7 +250,7 @@ class LazyDevice(Device):
         negative ever has; every learner (patch, FedSGD, data fit) then learns "rank the
         bottom of the cloud list first" and NDCG collapses (measured: 0.44 -> 0.09 on Twitch).
         """
-        if item_id in self._cloud_set:
+        if self.record_examples and item_id in self._cloud_set:
             super()._record_example(ts_ms, item_id, emb)
 
     def ranking(self, at_ms: int, live: set[int] | None = None) -> np.ndarray:
@@ -411,6 +478,12 @@ class _Run:
     def label(self) -> str:
         return self.strategy.label
 
+    @property
+    def uses_examples(self) -> bool:
+        """Whether the strategy's devices need training groups (uploads or personalization use them)."""
+        s = self.strategy
+        return bool(s.personalize_steps) or bool({"parameter", "data"} & set(s.families))
+
 
 def _schedule(users: np.ndarray, ts: np.ndarray, config: EvalConfig) -> np.ndarray:
     """Fetch flag per event: first event of a user, a new session, or ``fetch_every_ms`` elapsed."""
@@ -540,6 +613,7 @@ def run_prequential(
     cloud_factory: Callable[[EventLog, EvalConfig], CloudModel] | None = None,
     progress: Callable[[int, int], None] | None = None,
     reference: str = "cloud-only",
+    workers: int = 1,
 ) -> EvaluationResult:
     """Replay ``log`` through every strategy on the same events; returns the summaries.
 
@@ -550,14 +624,99 @@ def run_prequential(
         cloud_factory: builds the shared cloud model (default: ``default_cloud``).
         progress: called as ``progress(events_done, events_total)`` after each mini-batch.
         reference: label the relative differences are computed against.
+        workers: replay processes (forked; POSIX only). Strategies are split into groups
+            of similar cost; each process trains its own copy of the (deterministic) cloud
+            and replays its group on the same events, and the results are merged. Device
+            simulation is >90% of the time and independent between strategies, so this
+            divides wall time by up to ``workers`` when cores are free.
     """
     config = config or EvalConfig()
+    labels = [s.label for s in strategies]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"strategy labels must be unique: {labels}")
+    if workers > 1 and len(strategies) > 1:
+        return _run_parallel(log, strategies, config, cloud_factory, progress, reference, workers)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny per-user forwards: thread fan-out costs 5x more than it saves
     try:
         return _run(log, strategies, config, cloud_factory, progress, reference)
     finally:
         torch.set_num_threads(threads)
+
+
+#: Relative replay cost of a strategy's devices (measured on Twitch; used only to balance workers).
+_COST = {"cloud-only": 0.1, "device-rerank": 0.6, "feature": 0.8, "federated": 1.4, "data": 1.2, "hybrid": 2.0}
+
+
+def split_by_cost(strategies: Sequence[Strategy], workers: int) -> list[list[int]]:
+    """Greedy longest-first partition of strategy indices into ``workers`` groups of similar cost."""
+    order = sorted(range(len(strategies)), key=lambda i: -_COST.get(strategies[i].name, 1.0))
+    groups: list[list[int]] = [[] for _ in range(min(workers, len(strategies)))]
+    load = [0.0] * len(groups)
+    for i in order:
+        g = int(np.argmin(load))
+        groups[g].append(i)
+        load[g] += _COST.get(strategies[i].name, 1.0)
+    return [sorted(g) for g in groups if g]
+
+
+def _run_parallel(
+    log: EventLog,
+    strategies: Sequence[Strategy],
+    config: EvalConfig,
+    cloud_factory: Callable[[EventLog, EvalConfig], CloudModel] | None,
+    progress: Callable[[int, int], None] | None,
+    reference: str,
+    workers: int,
+) -> EvaluationResult:
+    import multiprocessing as mp
+    import pickle
+
+    t0 = time.perf_counter()
+    groups = split_by_cost(strategies, workers)
+    ctx = mp.get_context("fork")  # strategies hold lambdas (policy factories): inherit, do not pickle
+
+    def work(idx: list[int], first: bool, conn: Any) -> None:
+        try:
+            torch.set_num_threads(1)
+            res = _run(log, [strategies[i] for i in idx], config, cloud_factory, progress if first else None, reference, baselines=first)
+            conn.send_bytes(pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL))
+        except BaseException as exc:  # report, do not hang the parent
+            conn.send_bytes(pickle.dumps(exc))
+        finally:
+            conn.close()
+
+    procs, pipes = [], []
+    for g, idx in enumerate(groups):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=work, args=(idx, g == 0, send), daemon=True)
+        p.start()
+        send.close()
+        procs.append(p)
+        pipes.append(recv)
+    parts: list[EvaluationResult] = []
+    for p, recv in zip(procs, pipes):
+        obj = pickle.loads(recv.recv_bytes())
+        p.join()
+        if isinstance(obj, BaseException):
+            raise RuntimeError("a replay worker failed") from obj
+        parts.append(obj)
+    by_label = {r.label: r for part in parts for r in part.results}
+    results = [by_label[s.label] for s in strategies] + [r for r in parts[0].results if r.kind == "baseline"]
+    for r in results:
+        r.vs_reference = {}
+    _compare(results, reference, config)
+    head = parts[0]
+    timings = {k: float(head.timings.get(k, 0.0)) for k in ("cloud_train_s", "retrieval_s", "baselines_s")}
+    timings["devices_s"] = float(sum(p.timings.get("devices_s", 0.0) for p in parts))
+    timings["rounds_s"] = float(sum(p.timings.get("rounds_s", 0.0) for p in parts))
+    timings["worker_replay_max_s"] = float(max(p.timings.get("replay_total_s", 0.0) for p in parts))
+    timings["replay_total_s"] = time.perf_counter() - t0
+    head.results = results
+    head.timings = timings
+    head.wall_s = timings["replay_total_s"]
+    head.config = {**head.config, "workers": len(groups)}
+    return head
 
 
 def _run(
@@ -567,6 +726,7 @@ def _run(
     cloud_factory: Callable[[EventLog, EvalConfig], CloudModel] | None,
     progress: Callable[[int, int], None] | None,
     reference: str,
+    baselines: bool = True,
 ) -> EvaluationResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {"cloud_train_s": 0.0, "retrieval_s": 0.0, "devices_s": 0.0, "rounds_s": 0.0, "baselines_s": 0.0}
@@ -612,8 +772,8 @@ def _run(
 
     popularity = PopularityBaseline()
     repeat_last = RepeatLastLive(popularity)
-    base_logs = {"popularity": PredictionLog(config.ks)}
-    if repeat_domain:
+    base_logs = {"popularity": PredictionLog(config.ks)} if baselines else {}
+    if repeat_domain and baselines:
         base_logs["repeat-last-live"] = PredictionLog(config.ks)
     seen: dict[int, set[int]] | None = None if repeat_domain else {}
     engaged: dict[int, set[int]] = {}
@@ -659,6 +819,7 @@ def _run(
                 hist = engaged.setdefault(u, set())
                 rep = it in hist
                 rel = relevant[j]
+            if pos and base_logs:
                 tb = time.perf_counter()
                 pop_live = popular_now if lv is None else popular_now[np.isin(popular_now, lv[0])]
                 base_logs["popularity"].add(u, t, pop_live[: config.k], it, rep, rel)
@@ -675,6 +836,7 @@ def _run(
                         dev = r.devices.get(u)
                         if dev is None:
                             dev = r.devices[u] = LazyDevice(u, r.cloud.reranker, r.device_config, r.keyring.key_for(u), r.cloud.model_version)
+                            dev.record_examples = r.uses_examples
                             s.configure_device(dev)
                         if dev.model is not r.cloud.reranker:
                             dev.set_model(r.cloud.reranker, r.cloud.model_version)
@@ -764,6 +926,8 @@ def _run(
             progress(w1, n)
 
     wall = time.perf_counter() - t_start
+    timings["other_s"] = max(0.0, wall - sum(timings.values()))
+    timings["replay_total_s"] = wall
     dd = device_days(users, ts)
     stream_stale = stream_stale_sum / max(stream_stale_n, 1)
     results: list[StrategyResult] = []
