@@ -1,0 +1,249 @@
+"""``tandem demo``: the whole topology in one process, with a live dashboard.
+
+Replayer -> ``interactions`` -> cloud worker (train, refresh, serve candidates over HTTP)
+and device fleet (fetch candidates over HTTP, rerank, send signed updates to
+``device-updates`` -> cloud). Embedded file log by default; ``--kafka`` starts a local tansu
+broker. Open the printed URL while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+log = logging.getLogger(__name__)
+
+
+def find_browser() -> str | None:
+    """A headless-capable Chromium/Chrome on PATH (installed by infra/setup-browser.sh)."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def screenshot(url: str, out: Path, width: int = 1400, height: int = 900, timeout_s: float = 60.0) -> Path:
+    """Save a PNG of ``url`` rendered by headless Chromium (waits for the page's first polls)."""
+    browser = find_browser()
+    if browser is None:
+        raise RuntimeError("no chromium found; run infra/setup-browser.sh")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tandem-chromium-") as profile:
+        cmd = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            "--virtual-time-budget=4000",
+            f"--screenshot={out}",
+            url,
+        ]
+        subprocess.run(cmd, check=True, timeout=timeout_s, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not out.is_file():
+        raise RuntimeError(f"chromium wrote no screenshot to {out}")
+    return out
+
+
+class Demo:
+    """The demo topology: replayer, cloud, fleet and dashboard in one process.
+
+    Args:
+        transport_url: ``embedded:/dir`` or ``kafka://host:port``.
+        events: events to replay.
+        source: log source (``synthetic`` by default).
+        engine: cloud engine (``twotower`` or ``popular``).
+        port: dashboard port (0: any free port).
+        speed: replay time compression (None: as fast as possible).
+        refresh_every_events: cloud refresh cadence.
+    """
+
+    def __init__(
+        self,
+        transport_url: str,
+        events: int = 20_000,
+        source: str = "synthetic",
+        engine: str = "twotower",
+        port: int = 8080,
+        speed: float | None = None,
+        refresh_every_events: int = 2_000,
+        update_every: int = 10,
+        family: str = "feature",
+    ) -> None:
+        from tandem.services.runtime import open_transport
+        from tandem.dashboard.app import Collector, create_app
+        from tandem.services.cloud_service import CloudWorker
+        from tandem.services.engines import make_engine
+        from tandem.services.fleet_service import FleetWorker
+        from tandem.services.metrics import Registry, add_metrics_routes
+        from tandem.services.replayer_service import Replayer
+        from tandem.services.runtime import HttpServer
+        from tandem.services.settings import CloudSettings, FleetSettings, ReplayerSettings
+
+        self.cloud_settings = CloudSettings(
+            transport=transport_url, engine=engine, refresh_every_events=refresh_every_events, checkpoint_dir=""
+        )
+        self.engine = make_engine(engine, self.cloud_settings)
+        self.cloud = CloudWorker(self.cloud_settings, open_transport(transport_url), self.engine, Registry("cloud")).open()
+        self.cloud_http = HttpServer(add_metrics_routes(self.engine.http_app(), self.cloud.metrics, self.cloud.health), "127.0.0.1", 0)
+        self.replayer = Replayer(
+            ReplayerSettings(transport=transport_url, source=source, events=events, speed=speed or 0.0), open_transport(transport_url)
+        )
+        self._fleet_args = (FleetSettings, transport_url, update_every, family)
+        self.fleet: FleetWorker | None = None
+        self.phase = "starting"
+        self.collector = Collector([self.cloud.metrics, self.replayer.metrics], poll_s=1.0, extra=lambda: {"phase": self.phase})
+        self.dashboard = HttpServer(create_app(self.collector, title=f"Tandem live · {source} · {engine}"), "127.0.0.1", port)
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        return self.dashboard.url
+
+    def start(self) -> "Demo":
+        from tandem.services.runtime import open_transport
+        from tandem.services.fleet_service import FleetWorker
+
+        self.cloud_http.start()
+        fs, url, update_every, family = self._fleet_args
+        self.fleet = FleetWorker(
+            fs(transport=url, cloud_url=self.cloud_http.url, update_every=update_every, family=family), open_transport(url)
+        ).open()
+        self.collector.registries.append(self.fleet.metrics)
+        self.collector.start()
+        self.dashboard.start()
+        self.phase = "replaying"
+        for name, target in (("cloud", self.cloud.run), ("fleet", self.fleet.run), ("replayer", self.replayer.run)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def caught_up(self) -> bool:
+        """Replay finished and the cloud has applied (or dead-lettered) every replayed event."""
+        if not self.replayer.done.is_set():
+            return False
+        st = self.cloud.state
+        target = self.replayer.replayed - self.cloud.metrics.counter("events_dead_lettered")
+        devices = self.fleet.events_observed if self.fleet is not None else target
+        sent = self.fleet.updates_sent if self.fleet is not None else 0
+        handled = st.updates_applied + len(self.cloud.pending_updates) + self.cloud.metrics.counter("updates_rejected")
+        return st.events_applied - st.availability_applied >= target and devices >= target and handled >= sent
+
+    def stop(self) -> None:
+        self.phase = "stopping"
+        self.replayer.stop()
+        self.cloud.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
+        for t in self._threads:
+            t.join(30)
+        self.collector.sample()
+        self.collector.stop()
+        self.dashboard.stop()
+        self.cloud_http.stop()
+        if self.fleet is not None:
+            self.fleet.close()
+        self.cloud.close(checkpoint=False)
+        self.replayer.transport.close()
+
+    def summary(self) -> dict[str, Any]:
+        c = self.cloud.metrics.snapshot()
+        f = self.fleet.metrics.snapshot() if self.fleet else {}
+        return {
+            "events_replayed": self.replayer.replayed,
+            "events_applied": self.cloud.state.events_applied - self.cloud.state.availability_applied,
+            "availability_applied": self.cloud.state.availability_applied,
+            "events_observed_by_devices": int(f.get("events_observed", 0)),
+            "model_version": self.engine.version,
+            "prequential_ndcg@10": round(c.get("prequential_ndcg", 0.0), 4),
+            "prequential_hr@10": round(c.get("prequential_hr", 0.0), 4),
+            "updates_sent": int(f.get("updates_sent", 0)),
+            "updates_applied": int(c.get("updates_applied", 0)),
+            "update_bytes": int(f.get("update_bytes", 0)),
+            "rerank_p95_ms": round(1000 * f.get("rerank_latency_seconds_p95", 0.0), 3),
+            "dead_letters": int(c.get("events_dead_lettered", 0) + c.get("updates_rejected", 0)),
+        }
+
+
+def run_demo(
+    events: int,
+    duration: float,
+    port: int,
+    kafka: bool,
+    source: str,
+    engine: str,
+    speed: float | None,
+    screenshot_path: Path | None = None,
+    exit_when_done: bool = False,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """Run the demo for ``duration`` seconds (or until caught up with ``exit_when_done``)."""
+    from tandem.services.runtime import LocalBroker
+
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-demo-")) if workdir is None else workdir
+    broker = LocalBroker(log_path=tmp / "broker.log").start() if kafka else None
+    if kafka:  # short group sessions: the fleet joins (and rebalances) in seconds
+        os.environ.setdefault("TANDEM_KAFKA_SESSION_TIMEOUT_MS", "6000")
+    url = f"kafka://{broker.bootstrap}" if broker else f"embedded:{tmp / 'log'}"
+    demo = Demo(url, events=events, source=source, engine=engine, port=port, speed=speed)
+    try:
+        demo.start()
+        typer.echo(f"Tandem demo: dashboard at {demo.url}  (transport {url})")
+        deadline = time.monotonic() + duration
+        shot_taken = False
+        while time.monotonic() < deadline:
+            if demo.caught_up() and demo.phase != "done":
+                demo.phase = "done"
+                typer.echo(f"replay processed: {demo.summary()}")
+            if demo.phase == "done" and screenshot_path is not None and not shot_taken:
+                time.sleep(2.5)  # let the dashboard take a final sample
+                screenshot(demo.url, screenshot_path)
+                shot_taken = True
+                typer.echo(f"screenshot saved to {screenshot_path}")
+            if demo.phase == "done" and exit_when_done and (shot_taken or screenshot_path is None):
+                break
+            time.sleep(0.5)
+        if screenshot_path is not None and not shot_taken:
+            screenshot(demo.url, screenshot_path)
+        return demo.summary()
+    finally:
+        demo.stop()
+        if broker is not None:
+            broker.stop()
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``tandem demo`` to the CLI."""
+
+    @app.command("demo")
+    def demo(
+        events: int = typer.Option(20_000, "--events", help="events to replay"),
+        duration: float = typer.Option(120.0, "--duration", help="seconds to keep the topology and dashboard up"),
+        port: int = typer.Option(8080, "--port", help="dashboard port"),
+        kafka: bool = typer.Option(False, "--kafka", help="use a local tansu Kafka broker instead of the embedded log"),
+        source: str = typer.Option("synthetic", "--source", help="synthetic | movielens | twitch | PATH"),
+        engine: str = typer.Option("twotower", "--engine", help="cloud engine: twotower | popular"),
+        speed: Optional[float] = typer.Option(None, "--speed", help="replay time compression (default: max)"),
+        screenshot_path: Optional[Path] = typer.Option(None, "--screenshot", help="save a dashboard PNG (headless chromium)"),
+        exit_when_done: bool = typer.Option(False, "--exit-when-done", help="stop once the replay is fully processed"),
+    ) -> None:
+        """Run the whole topology locally (no Docker) with a live dashboard."""
+        summary = run_demo(events, duration, port, kafka, source, engine, speed, screenshot_path, exit_when_done)
+        for key, value in summary.items():
+            typer.echo(f"{key:>22}: {value}")

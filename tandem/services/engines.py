@@ -1,0 +1,270 @@
+"""Model sides the cloud worker can drive.
+
+* ``TwoTowerEngine`` (default): cloud_recsys' OnlineTrainer + CandidateService + RefreshHook,
+  the HTTP API from ``cloud_recsys.http.create_app``.
+* ``PopularityEngine``: time-decayed item popularity with live-stream filtering. Cheap
+  (no torch), so the load benchmark and fault tests measure delivery, not training, on
+  shared CPUs; it serves the same candidate HTTP API.
+
+Device updates are verified by ``device_rerank`` (HMAC envelopes) in both engines.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import json
+import logging
+import threading
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query
+
+from cloud_recsys.candidates import Candidates, quantize_rows
+from streams.batch import EventBatch
+from streams.schema import POSITIVE_KINDS, EventKind
+from tandem.services.settings import CloudSettings
+
+log = logging.getLogger(__name__)
+
+_POS = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
+
+
+# -- candidate wire format (JSON) --------------------------------------------------
+def candidates_to_json(c: Candidates) -> dict[str, Any]:
+    """JSON body of one candidate list (int8 features base64-encoded)."""
+    return {
+        "user_id": int(c.user_id),
+        "item_ids": [int(i) for i in c.item_ids],
+        "scores": [float(s) for s in c.scores],
+        "dim": int(c.emb_q.shape[1]) if c.emb_q.ndim == 2 else 0,
+        "emb_q_b64": base64.b64encode(np.ascontiguousarray(c.emb_q, dtype=np.int8).tobytes()).decode(),
+        "emb_scale": [float(s) for s in c.emb_scale],
+        "model_version": int(c.model_version),
+        "computed_at_ms": int(c.computed_at_ms),
+        "fallback": c.fallback,
+    }
+
+
+def candidates_from_json(d: dict[str, Any]) -> Candidates:
+    """Inverse of ``candidates_to_json``."""
+    k = len(d["item_ids"])
+    dim = int(d.get("dim", 0))
+    emb = np.frombuffer(base64.b64decode(d["emb_q_b64"]), dtype=np.int8).reshape(k, dim) if dim else np.zeros((k, 0), np.int8)
+    return Candidates(
+        user_id=int(d["user_id"]),
+        item_ids=np.asarray(d["item_ids"], dtype=np.int64),
+        scores=np.asarray(d["scores"], dtype=np.float32),
+        emb_q=emb,
+        emb_scale=np.asarray(d["emb_scale"], dtype=np.float32),
+        model_version=int(d["model_version"]),
+        computed_at_ms=int(d.get("computed_at_ms", 0)),
+        fallback=d.get("fallback"),
+    )
+
+
+def item_features(item_ids: np.ndarray, dim: int) -> np.ndarray:
+    """Fixed pseudo-random unit vectors per item id (the popularity engine's item features)."""
+    out = np.empty((len(item_ids), dim), dtype=np.float32)
+    for row, item in enumerate(item_ids):
+        rng = np.random.default_rng(zlib.crc32(int(item).to_bytes(8, "little", signed=True)))
+        v = rng.standard_normal(dim).astype(np.float32)
+        out[row] = v / max(1e-6, float(np.linalg.norm(v)))
+    return out
+
+
+class PopularityEngine:
+    """Time-decayed item popularity, filtered by live availability.
+
+    Args:
+        settings: cloud settings (``embedding_dim`` sizes the item features sent to devices).
+        half_life_events: popularity halves every this many positive events.
+    """
+
+    def __init__(self, settings: CloudSettings, half_life_events: float = 20_000.0) -> None:
+        self.settings = settings
+        self.decay = 0.5 ** (1.0 / half_life_events)
+        self.version = 0
+        self.counts: dict[int, float] = {}
+        self.offline: set[int] = set()
+        self.transitions: dict[int, list[tuple[int, bool]]] = {}
+        self.max_transitions = 32
+        self.updates_seen = 0
+        self._weight = 1.0  # global multiplier instead of decaying every count
+        self._served: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.float32))
+        self._lock = threading.Lock()
+
+    def train(self, batch: EventBatch) -> None:
+        pos = np.isin(batch.kind, _POS)
+        if not pos.any():
+            return
+        items, n = np.unique(batch.item_id[pos], return_counts=True)
+        with self._lock:
+            self._weight /= self.decay ** int(pos.sum())
+            for item, c in zip(items.tolist(), n.tolist()):
+                self.counts[item] = self.counts.get(item, 0.0) + c * self._weight
+            if self._weight > 1e12:  # renormalize before float overflow
+                self.counts = {i: v / self._weight for i, v in self.counts.items()}
+                self._weight = 1.0
+            if len(self.counts) > 4 * self.settings.num_items:  # bounded memory: keep the most popular
+                keep = sorted(self.counts.items(), key=lambda kv: -kv[1])[: self.settings.num_items]
+                self.counts = dict(keep)
+        if self.version == 0:
+            self.refresh()
+
+    def apply_availability(self, batch: EventBatch) -> None:
+        """Record live/offline transitions (kept per item, so queries at a past time are right
+        even when availability is consumed ahead of the interactions)."""
+        with self._lock:
+            for item, ts, kind in zip(batch.item_id.tolist(), batch.ts_ms.tolist(), batch.kind.tolist()):
+                if kind not in (EventKind.STREAM_OFFLINE, EventKind.STREAM_LIVE):
+                    continue
+                live = kind == EventKind.STREAM_LIVE
+                hist = self.transitions.setdefault(item, [])
+                hist.append((int(ts), live))
+                if len(hist) > 1 and hist[-2][0] > ts:
+                    hist.sort()
+                del hist[: max(0, len(hist) - self.max_transitions)]
+                if live:
+                    self.offline.discard(item)
+                else:
+                    self.offline.add(item)
+
+    def _live_mask(self, items: np.ndarray, at_ms: int) -> np.ndarray:
+        """Which ``items`` are available at ``at_ms`` (latest state when ``at_ms`` <= 0)."""
+        if not self.transitions:
+            return np.ones(len(items), dtype=bool)
+        if at_ms <= 0:
+            return ~np.isin(items, np.fromiter(self.offline, dtype=np.int64, count=len(self.offline)))
+        out = np.ones(len(items), dtype=bool)
+        for row, item in enumerate(items.tolist()):
+            hist = self.transitions.get(item)
+            if not hist:
+                continue  # never seen a transition: always available (feeds)
+            i = bisect.bisect_right(hist, (at_ms, True))
+            out[row] = hist[i - 1][1] if i > 0 else not hist[0][1]
+        return out
+
+    def apply_updates(self, updates: list[Any]) -> None:
+        with self._lock:
+            self.updates_seen += len(updates)
+
+    def refresh(self) -> int:
+        with self._lock:
+            items = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
+            scores = np.fromiter(self.counts.values(), dtype=np.float64, count=len(self.counts)) / self._weight
+            order = np.argsort(-scores, kind="stable")[: max(self.settings.k, 100) * 4]
+            self._served = (items[order], scores[order].astype(np.float32))
+            self.version += 1
+            return self.version
+
+    def _available(self, k: int, at_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        items, scores = self._served
+        with self._lock:
+            keep = self._live_mask(items, at_ms)
+        return items[keep][:k], scores[keep][:k]
+
+    def topk(self, user_id: int, k: int, at_ms: int) -> np.ndarray:
+        return self._available(k, at_ms)[0]
+
+    def candidates(self, user_id: int, k: int, at_ms: int = 0) -> Candidates:
+        items, scores = self._available(k, at_ms)
+        q, scale = quantize_rows(item_features(items, self.settings.embedding_dim)) if len(items) else (
+            np.zeros((0, self.settings.embedding_dim), np.int8),
+            np.zeros(0, np.float32),
+        )
+        return Candidates(user_id, items, scores, q, scale, self.version, at_ms, fallback="popular")
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            state = {
+                "version": self.version,
+                "weight": self._weight,
+                "counts": [[k, v] for k, v in self.counts.items()],
+                "offline": sorted(self.offline),
+                "transitions": [[i, [[t, int(v)] for t, v in h]] for i, h in self.transitions.items()],
+                "updates_seen": self.updates_seen,
+            }
+        (path / "popularity.json").write_text(json.dumps(state))
+
+    def load(self, path: Path) -> None:
+        state = json.loads((path / "popularity.json").read_text())
+        with self._lock:
+            self.counts = {int(k): float(v) for k, v in state["counts"]}
+            self._weight = float(state["weight"])
+            self.offline = set(state["offline"])
+            self.transitions = {int(i): [(int(t), bool(v)) for t, v in h] for i, h in state.get("transitions", [])}
+            self.updates_seen = int(state["updates_seen"])
+        self.refresh()
+        self.version = int(state["version"])
+
+    def http_app(self) -> FastAPI:
+        """GET /candidates?user_id=&k=&at_ms= and POST /candidates:batch (JSON)."""
+        app = FastAPI(title="tandem cloud (popularity)")
+
+        @app.get("/candidates")
+        def get_candidates(user_id: int = Query(...), k: int = Query(100, ge=1, le=1000), at_ms: int = 0) -> dict[str, Any]:
+            return candidates_to_json(self.candidates(user_id, k, at_ms))
+
+        @app.post("/candidates:batch")
+        def batch(body: dict[str, Any]) -> dict[str, Any]:
+            users = body.get("user_ids")
+            if not isinstance(users, list):
+                raise HTTPException(422, "user_ids must be a list")
+            k = int(body.get("k", 100))
+            return {"results": [candidates_to_json(self.candidates(int(u), k, int(body.get("at_ms", 0)))) for u in users], "model_version": self.version}
+
+        return app
+
+
+class TwoTowerEngine:
+    """cloud_recsys' two-tower trainer, candidate service and refresh hook behind the engine API."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        from tandem.services import cloud_glue
+
+        self.settings = settings
+        self._glue = cloud_glue.TwoTowerGlue(settings)
+
+    @property
+    def version(self) -> int:
+        return self._glue.version
+
+    def train(self, batch: EventBatch) -> None:
+        self._glue.train(batch)
+
+    def apply_availability(self, batch: EventBatch) -> None:
+        self._glue.apply_availability(batch)
+
+    def apply_updates(self, updates: list[Any]) -> None:
+        self._glue.apply_updates(updates)
+
+    def refresh(self) -> int:
+        return self._glue.refresh()
+
+    def topk(self, user_id: int, k: int, at_ms: int) -> np.ndarray:
+        return self._glue.topk(user_id, k, at_ms)
+
+    def save(self, path: Path) -> None:
+        self._glue.save(path)
+
+    def load(self, path: Path) -> None:
+        self._glue.load(path)
+
+    def http_app(self) -> FastAPI:
+        return self._glue.http_app()
+
+
+ENGINES: dict[str, Callable[[CloudSettings], Any]] = {"twotower": TwoTowerEngine, "popular": PopularityEngine}
+
+
+def make_engine(name: str, settings: CloudSettings) -> Any:
+    """An engine by name: ``twotower`` (default) or ``popular``."""
+    try:
+        return ENGINES[name](settings)
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None

@@ -1,0 +1,206 @@
+"""Service settings: frozen dataclasses filled from ``TANDEM_*`` environment variables.
+
+Every field ``foo`` of a settings class can be set with ``TANDEM_FOO`` (flags passed to
+``tandem serve`` override the environment). Dataclasses, not pydantic-settings, so the
+services need no extra dependency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, TypeVar
+
+ENV_PREFIX = "TANDEM_"
+
+#: Topic names (docs/architecture.md).
+TOPIC_INTERACTIONS = "interactions"
+TOPIC_AVAILABILITY = "availability"
+TOPIC_UPDATES = "device-updates"
+TOPIC_REFRESH = "model-refresh"
+ALL_TOPICS: tuple[str, ...] = (TOPIC_INTERACTIONS, TOPIC_AVAILABILITY, TOPIC_UPDATES, TOPIC_REFRESH)
+
+
+def dlq_topic(topic: str) -> str:
+    """The dead-letter topic of ``topic``."""
+    return f"{topic}.dlq"
+
+
+S = TypeVar("S")
+
+
+def _cast(raw: str, tp: Any) -> Any:
+    """Parse an env string into the annotated field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw.strip().lower() in ("", "none", "null"):
+            return None
+        return _cast(raw, args[0])
+    if tp is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if tp is int:
+        return int(raw)
+    if tp is float:
+        return float(raw)
+    if origin is tuple:
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
+    return raw
+
+
+def from_env(cls: type[S], env: Mapping[str, str] | None = None, **overrides: Any) -> S:
+    """Build settings ``cls`` from ``TANDEM_<FIELD>`` env vars, then ``overrides`` (None = unset).
+
+    Args:
+        cls: a dataclass type.
+        env: the environment to read (default ``os.environ``).
+        overrides: explicit values (CLI flags); a None value leaves the env/default in place.
+    """
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            values[f.name] = _cast(env[key], hints[f.name])
+        if overrides.get(f.name) is not None:
+            values[f.name] = overrides[f.name]
+    return cls(**values)
+
+
+def env_names(cls: type) -> list[str]:
+    """The env variable names a settings class reads (used by the compose test and docs)."""
+    return [ENV_PREFIX + f.name.upper() for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """The cloud service: consume, train, aggregate, refresh, serve candidates.
+
+    Args:
+        transport: ``kafka://host:port`` or ``embedded:/path`` (see streams.transports).
+        host / port: where the candidate + metrics HTTP API listens.
+        engine: "twotower" (cloud_recsys) or "popular" (cheap baseline for load tests).
+        group: consumer group of the cloud's topic readers.
+        partitions: partitions created for ``interactions`` when the service creates topics.
+        checkpoint_dir: model + offsets + dedup state; empty disables checkpoints.
+        checkpoint_every_s / checkpoint_every_events: checkpoint schedule (whichever first).
+        refresh_every_events: publish a model refresh after this many applied events.
+        poll_records: records per poll (the bounded in-flight unit: back-pressure).
+        max_pending_updates: device updates buffered before consumption of updates pauses.
+        aggregate_batch / aggregate_every_s: aggregate buffered updates when this many are
+            pending or the oldest has waited this long (or at a refresh / when idle).
+        device_key: shared HMAC key of device update envelopes (hex or text).
+        num_users / num_items / embedding_dim: model capacity (online id maps grow up to these).
+        k: candidates per request when the client gives none.
+        source: optional log used to warm-start (item categories, availability).
+    """
+
+    transport: str = "kafka://127.0.0.1:9092"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    engine: str = "twotower"
+    group: str = "cloud"
+    partitions: int = 4
+    checkpoint_dir: str = ""
+    checkpoint_every_s: float = 30.0
+    checkpoint_every_events: int = 50_000
+    refresh_every_events: int = 5_000
+    poll_records: int = 200
+    max_pending_updates: int = 1_000
+    aggregate_batch: int = 256
+    aggregate_every_s: float = 1.0
+    device_key: str = "tandem-dev-master-key"
+    num_users: int = 100_000
+    num_items: int = 50_000
+    embedding_dim: int = 32
+    k: int = 100
+    eval_sample: int = 64
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """A device-fleet worker: simulated devices fed by ``interactions``, one per user.
+
+    Replicas share the consumer group ``group``, so the broker splits the users
+    (partitions) between them: scale with ``docker compose up --scale fleet=N``.
+
+    Args:
+        cloud_url: base URL of the cloud candidate API.
+        update_every: a device sends an update after this many observed actions.
+        family: update family ("feature" | "parameter" | "data").
+        max_devices: devices kept in memory (least recently used are dropped).
+        k: candidates fetched per device refresh.
+    """
+
+    transport: str = "kafka://127.0.0.1:9092"
+    cloud_url: str = "http://127.0.0.1:8000"
+    host: str = "0.0.0.0"
+    port: int = 8001
+    group: str = "fleet"
+    device_key: str = "tandem-dev-master-key"
+    update_every: int = 20
+    family: str = "feature"
+    max_devices: int = 5_000
+    k: int = 50
+    poll_records: int = 200
+    http_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class ReplayerSettings:
+    """Replays a log into ``interactions`` (and ``availability``).
+
+    Args:
+        source: ``synthetic``, ``movielens``, ``twitch`` or a path (streams.datasets.load_source).
+        events: cap on replayed events (0: the whole log).
+        speed: time compression (None/0: as fast as possible).
+        batch_size: events per wire record.
+        exit_when_done: stop after one replay (otherwise keep serving /metrics).
+    """
+
+    transport: str = "kafka://127.0.0.1:9092"
+    host: str = "0.0.0.0"
+    port: int = 8002
+    source: str = "synthetic"
+    events: int = 20_000
+    speed: float = 0.0
+    batch_size: int = 512
+    partitions: int = 4
+    exit_when_done: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """The live dashboard: polls the services' ``/metrics.json`` and draws charts.
+
+    Args:
+        sources: metric endpoints, ``name=url`` pairs separated by commas.
+        poll_s: how often the dashboard scrapes its sources.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    sources: tuple[str, ...] = field(default_factory=tuple)
+    poll_s: float = 1.0
+
+
+SETTINGS_BY_SERVICE: dict[str, type] = {
+    "cloud": CloudSettings,
+    "fleet": FleetSettings,
+    "replayer": ReplayerSettings,
+    "dashboard": DashboardSettings,
+}
+
+
+def as_dict(settings: Any) -> dict[str, Any]:
+    """Plain dict of a settings object (secrets masked) for logs and /healthz."""
+    out = dataclasses.asdict(settings)
+    if "device_key" in out:
+        out["device_key"] = "***"
+    return out
