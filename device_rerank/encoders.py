@@ -49,7 +49,8 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
     """Symmetric int8 with one scale: returns (q, scale); dequantize as ``q * scale``."""
     x = np.asarray(x, dtype=np.float32)
     m = float(np.abs(x).max()) if x.size else 0.0
-    scale = m / 127.0 if m > 0 else 1.0
+    # A scale that would underflow float32 (on the wire) means the vector is zero for int8.
+    scale = m / 127.0 if np.float32(m / 127.0) > 0 else 1.0
     return np.clip(np.rint(x / scale), -127, 127).astype(np.int8), scale
 
 
@@ -78,7 +79,11 @@ def interest_vector(emb: np.ndarray, dwell_s: np.ndarray, age_s: np.ndarray, hal
     """
     if len(emb) == 0:
         return np.zeros(emb.shape[1] if emb.ndim == 2 else 0, dtype=np.float32)
-    w = (1.0 + np.log1p(np.maximum(dwell_s, 0))) * np.power(0.5, np.maximum(age_s, 0) / half_life_s)
+    age = np.maximum(age_s, 0)
+    # Only relative weights matter (it is a weighted mean): measure age from the newest step,
+    # or a user back after months gets weights that all underflow to zero.
+    age = age - age.min()
+    w = (1.0 + np.log1p(np.maximum(dwell_s, 0))) * np.power(0.5, age / half_life_s)
     w = w / max(float(w.sum()), 1e-12)
     return (w[:, None] * emb).sum(axis=0).astype(np.float32)
 

@@ -48,6 +48,23 @@ def test_interest_vector_weights_dwell_and_recency() -> None:
     assert v[1] > v[0] > v[2] >= 0 and v.sum() == pytest.approx(1.0)
 
 
+def test_interest_vector_of_a_user_back_after_months_is_not_zero() -> None:
+    """Weights are relative: a history that is all old must not underflow to a zero vector."""
+    emb = np.eye(3, dtype=np.float32)
+    dwell = np.array([10.0, 0.0, 0.0])
+    months = 90 * 86_400.0
+    v_old = interest_vector(emb, dwell, np.array([months, months + 60, months + 120]), half_life_s=3600.0)
+    v_new = interest_vector(emb, dwell, np.array([0.0, 60.0, 120.0]), half_life_s=3600.0)
+    assert np.allclose(v_old, v_new) and v_old.sum() == pytest.approx(1.0)
+
+
+def test_tiny_vector_encodes_to_a_valid_payload() -> None:
+    """A vector whose int8 scale underflows float32 is sent as zeros, not as a payload the cloud rejects."""
+    vec = np.full(32, 1e-44, dtype=np.float32)
+    out = FeatureEncoder.decode(FeatureEncoder.encode(vec))
+    assert np.all(np.abs(out - vec) <= 1e-43)
+
+
 # -- parameter family ---------------------------------------------------------
 def test_parameter_round_trip_dense_no_noise() -> None:
     rng = np.random.default_rng(0)
