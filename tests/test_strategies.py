@@ -82,3 +82,39 @@ def test_split_by_cost_balances_and_covers() -> None:
     groups = split_by_cost(strats, 2)
     assert sorted(i for g in groups for i in g) == list(range(len(strats))) and len(groups) == 2
     assert split_by_cost(strats[:1], 4) == [[0]]
+
+
+class _FixedCloud:
+    """The two calls ``StrategyCloud.refresh`` makes of a cloud model."""
+
+    version = 0
+
+    def item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(4, dtype=np.int64), np.eye(4, 32, dtype=np.float32)
+
+
+@pytest.mark.parametrize("radius", [None, 0.5])
+def test_trust_region_bounds_the_shipped_reranker(radius: float | None) -> None:
+    """Learned updates move the shipped reranker at most ``trust_radius`` from the start; small ones pass unchanged."""
+    from device_rerank.reranker import Reranker, RerankerConfig
+    from tandem.evaluation.prequential import StrategyCloud
+
+    base = Reranker(RerankerConfig(emb_dim=32))
+    w0 = base.flat_parameters()
+    sc = StrategyCloud(base, trust_radius=radius)
+    big = np.random.default_rng(0).normal(size=len(w0)).astype(np.float32)  # norm ~ 60
+    sc.apply_model_delta(big)
+    assert sc.refresh(_FixedCloud())
+    drift = sc.reranker.flat_parameters() - w0
+    if radius is None:
+        assert np.allclose(drift, big, atol=1e-5)
+    else:
+        assert np.linalg.norm(drift) == pytest.approx(radius, rel=1e-4)
+        assert np.allclose(drift / np.linalg.norm(drift), big / np.linalg.norm(big), atol=1e-4)  # same direction
+    small = big * (0.1 / np.linalg.norm(big))
+    sc2 = StrategyCloud(Reranker(RerankerConfig(emb_dim=32)), trust_radius=0.5)
+    start = sc2.reranker.flat_parameters()
+    sc2.apply_model_delta(small)
+    sc2.refresh(_FixedCloud())
+    assert np.allclose(sc2.reranker.flat_parameters() - start, small, atol=1e-5)
+    assert np.allclose(base.flat_parameters(), w0)  # the fleet's starting model is never mutated

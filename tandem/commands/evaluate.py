@@ -113,6 +113,9 @@ def evaluate(
     sweep_strategy: str = typer.Option("feature", "--sweep-strategy", help="Strategy whose upload policy is swept."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates for the intervals."),
     workers: int = typer.Option(2, "--workers", help="Replay processes (strategies split between them; same results as 1)."),
+    trust_radius: float = typer.Option(
+        0.5, "--trust-radius", help="Max L2 drift of the shipped reranker from the fleet's starting one (<= 0: unbounded)."
+    ),
     cloud: str = typer.Option(DEFAULT_CLOUD, "--cloud", help="Cloud model: stream (StreamTwoTower stand-in) | torchrec (cloud_recsys OnlineTrainer)."),
 ) -> None:
     """Replay a log through every strategy (prequential), print the table and write the report.
@@ -146,6 +149,7 @@ def evaluate(
         fetch_every_ms=int(fetch_every_min * 60_000),
         n_boot=n_boot,
         max_events=max_events,
+        trust_radius=trust_radius if trust_radius > 0 else None,
         seed=seed,
     )
     bar = tqdm(total=len(log) if max_events is None else min(len(log), max_events), unit="ev", desc=f"replay {source}", smoothing=0.05)
