@@ -674,17 +674,7 @@ def build(settings: CloudSettings, engine_name: str = "twotower", transport: Tra
 
 def serve(settings: CloudSettings, engine_name: str = "twotower", max_idle_s: float | None = None) -> None:
     """Run the cloud service until SIGTERM/SIGINT: HTTP API in a thread, worker in this one."""
-    import signal
-
-    from tandem.services.runtime import HttpServer
+    from tandem.services.runtime import run_worker_with_http
 
     worker, app = build(settings, engine_name)
-    server = HttpServer(app, settings.host, settings.port).start()
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-    try:
-        worker.run(max_idle_s=max_idle_s)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        worker.close()
-        server.stop()
+    run_worker_with_http(worker, app, settings.host, settings.port, max_idle_s)

@@ -11,7 +11,6 @@ Device updates are verified by ``device_rerank`` (HMAC envelopes) in both engine
 
 from __future__ import annotations
 
-import base64
 import bisect
 import json
 import logging
@@ -24,6 +23,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 
 from cloud_recsys.candidates import Candidates, quantize_rows
+from cloud_recsys.http import candidates_from_json, candidates_to_json
 from streams.batch import EventBatch
 from streams.schema import POSITIVE_KINDS, EventKind
 from tandem.services.settings import CloudSettings
@@ -33,37 +33,7 @@ log = logging.getLogger(__name__)
 _POS = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
 
 
-# -- candidate wire format (JSON) --------------------------------------------------
-def candidates_to_json(c: Candidates) -> dict[str, Any]:
-    """JSON body of one candidate list (int8 features base64-encoded)."""
-    return {
-        "user_id": int(c.user_id),
-        "item_ids": [int(i) for i in c.item_ids],
-        "scores": [float(s) for s in c.scores],
-        "dim": int(c.emb_q.shape[1]) if c.emb_q.ndim == 2 else 0,
-        "emb_q_b64": base64.b64encode(np.ascontiguousarray(c.emb_q, dtype=np.int8).tobytes()).decode(),
-        "emb_scale": [float(s) for s in c.emb_scale],
-        "model_version": int(c.model_version),
-        "computed_at_ms": int(c.computed_at_ms),
-        "fallback": c.fallback,
-    }
-
-
-def candidates_from_json(d: dict[str, Any]) -> Candidates:
-    """Inverse of ``candidates_to_json``."""
-    k = len(d["item_ids"])
-    dim = int(d.get("dim", 0))
-    emb = np.frombuffer(base64.b64decode(d["emb_q_b64"]), dtype=np.int8).reshape(k, dim) if dim else np.zeros((k, 0), np.int8)
-    return Candidates(
-        user_id=int(d["user_id"]),
-        item_ids=np.asarray(d["item_ids"], dtype=np.int64),
-        scores=np.asarray(d["scores"], dtype=np.float32),
-        emb_q=emb,
-        emb_scale=np.asarray(d["emb_scale"], dtype=np.float32),
-        model_version=int(d["model_version"]),
-        computed_at_ms=int(d.get("computed_at_ms", 0)),
-        fallback=d.get("fallback"),
-    )
+# The candidate wire format (JSON) is the cloud HTTP API's own: one definition for both.
 
 
 def item_features(item_ids: np.ndarray, dim: int) -> np.ndarray:

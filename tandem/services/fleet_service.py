@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import signal
 import threading
 import time
 from typing import Any
@@ -305,19 +304,12 @@ def serve(settings: FleetSettings, max_idle_s: float | None = None) -> None:
     """Run one fleet worker with its /healthz + /metrics API until SIGTERM/SIGINT."""
     from fastapi import FastAPI
 
-    from tandem.services.runtime import open_transport
-    from tandem.services.runtime import HttpServer
+    from tandem.services.runtime import open_transport, run_worker_with_http
 
     transport = open_transport(settings.transport)
     worker = FleetWorker(settings, transport).open()
     app = add_metrics_routes(FastAPI(title="tandem fleet"), worker.metrics, health=worker.health)
-    server = HttpServer(app, settings.host, settings.port).start()
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
-        worker.run(max_idle_s=max_idle_s)
-    except KeyboardInterrupt:
-        pass
+        run_worker_with_http(worker, app, settings.host, settings.port, max_idle_s)
     finally:
-        worker.close()
-        server.stop()
         transport.close()

