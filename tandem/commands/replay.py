@@ -51,7 +51,7 @@ def replay_command(
     from rich.console import Console
     from rich.table import Table
 
-    from streams.datasets import load_source
+    from tandem.commands._load import load_or_exit
     from streams.datasets.base import EventLog
     from streams.replay import replay
     from streams.transports import open_transport
@@ -63,12 +63,7 @@ def replay_command(
         opts = {"events": events or 100_000, "seed": seed}
     elif events is not None:
         raise typer.BadParameter("--events only applies to the synthetic source (use --limit to cut a log)")
-    try:
-        with console.status(f"loading {source}"):
-            event_log = load_source(source, **opts)
-    except ValueError as exc:
-        console.print(f"[red]cannot load {source}:[/red] {exc}")
-        raise typer.Exit(2) from None
+    event_log = load_or_exit(source, console, **opts)
     availability_range: tuple[int | None, int | None] | None = None
     if limit is not None and limit < len(event_log):
         # transitions after the cut belong to events that are not replayed

@@ -50,7 +50,7 @@ def retrieval_command(
 
     from cloud_recsys.index import IndexConfig
     from cloud_recsys.retrieval_eval import TUNED, evaluate
-    from streams.datasets import load_source
+    from tandem.commands._load import load_or_exit
 
     console = Console(stderr=True)
     t_start = time.perf_counter()
@@ -59,12 +59,7 @@ def retrieval_command(
     if index_kind not in ("ivf", "hnsw", "flat"):
         raise typer.BadParameter(f"--index must be ivf, hnsw or flat, got {index_kind!r}")
     opts: dict[str, Any] = {"events": events} if source == "synthetic" and events else {}
-    try:
-        with console.status(f"loading {source}"):
-            event_log = load_source(source, **opts)
-    except ValueError as exc:
-        console.print(f"[red]cannot load {source}:[/red] {exc}")
-        raise typer.Exit(2) from None
+    event_log = load_or_exit(source, console, **opts)
     cfg = TUNED
     model = replace(cfg.model, seed=seed)
     if dim is not None:
