@@ -71,6 +71,8 @@ class PersonalizeConfig:
         l2: weight decay pulling the patch toward zero (the shared model).
         max_norm: the patch is projected back to this L2 norm after each step.
         batch_groups: example groups per step (sampled from the buffer).
+        holdout_groups: the newest this-many groups are not trained on but decide whether the
+            new patch is kept (it must lower their loss); 0 = always keep it.
     """
 
     lr: float = 0.05
@@ -78,6 +80,7 @@ class PersonalizeConfig:
     l2: float = 1e-3
     max_norm: float = 5.0
     batch_groups: int = 16
+    holdout_groups: int = 0
 
 
 @dataclass(frozen=True)

@@ -93,20 +93,24 @@ def fine_tune_patch(
     steps: int,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, float]:
-    """Adam on the patch only; returns (new patch, last loss). Shared weights get no gradient."""
+    """Adam on the patch only; returns (new patch, last loss). Shared weights get no gradient.
+
+    With ``config.holdout_groups`` > 0 the newest groups are held out and the new patch is kept
+    only if it lowers their loss (else the old patch is returned): a device should not adopt a
+    change that makes its own latest feedback rank worse.
+    """
     if len(buffer) == 0 or steps <= 0:
         return patch, float("nan")
+    h = int(config.holdout_groups)
+    if h > 0 and len(buffer) <= h:
+        return patch, float("nan")  # not enough feedback to both train and check
+    n_train = len(buffer) - h
     p = patch.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([p], lr=config.lr)
-    full = len(buffer) <= config.batch_groups
-    fixed = buffer.batch() if full else None
+    fixed = buffer.batch(np.arange(n_train)) if n_train <= config.batch_groups else None
     loss_val = float("nan")
     for _ in range(steps):
-        if fixed is None:
-            idx = rng.choice(len(buffer), size=config.batch_groups, replace=False)
-            batch = buffer.batch(idx)
-        else:
-            batch = fixed
+        batch = fixed if fixed is not None else buffer.batch(rng.choice(n_train, size=config.batch_groups, replace=False))
         cand, cz, ctx, seq, sf, sm, slot, _ = batch
         scores = model(cand, cz, ctx, seq, sf, sm, p)
         loss = listwise_loss(scores, slot) + config.l2 * (p * p).sum()
@@ -119,7 +123,15 @@ def fine_tune_patch(
             if n > config.max_norm:
                 p.mul_(config.max_norm / n)
         loss_val = float(loss.detach())
-    return p.detach(), loss_val
+    new = p.detach()
+    if h > 0:
+        cand, cz, ctx, seq, sf, sm, slot, _ = buffer.batch(np.arange(n_train, len(buffer)))
+        with torch.no_grad():
+            before = float(listwise_loss(model(cand, cz, ctx, seq, sf, sm, patch), slot))
+            after = float(listwise_loss(model(cand, cz, ctx, seq, sf, sm, new), slot))
+        if not after < before:
+            return patch, loss_val
+    return new, loss_val
 
 
 def shared_gradient(

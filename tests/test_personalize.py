@@ -151,3 +151,46 @@ def test_parameter_update_descends_the_local_loss() -> None:
     stepped = copy.deepcopy(model)
     stepped.apply_delta(delta, scale=0.1)
     assert loss(stepped) < loss(model)
+
+
+def _buffer_with_taste(taste_old: np.ndarray, taste_new: np.ndarray, n_old: int, n_new: int, seed: int = 0):
+    """Groups whose positive follows ``taste_old`` for the oldest ``n_old``, then ``taste_new``."""
+    from device_rerank.personalize import ExampleBuffer, ExampleGroup
+
+    rng = np.random.default_rng(seed)
+    buf = ExampleBuffer(n_old + n_new)
+    c = Reranker().config.ctx_dim
+    L, s = Reranker().config.seq_len, Reranker().config.seq_feat_dim
+    for j in range(n_old + n_new):
+        taste = taste_old if j < n_old else taste_new
+        emb = rng.normal(size=(12, D)).astype(np.float32) / np.sqrt(D)
+        order = np.argsort(-(emb @ taste))  # positive (slot 0) = the item the taste likes most
+        emb = emb[order]
+        buf.add(ExampleGroup(
+            item_ids=np.arange(12, dtype=np.int64) + 100 * j, cand_emb=emb.astype(np.float16),
+            cloud_z=np.zeros(12, np.float32), ctx=np.zeros((12, c), np.float32),
+            seq_emb=np.zeros((L, D), np.float16), seq_feat=np.zeros((L, s), np.float32),
+            seq_mask=np.zeros(L, np.float32), ts_ms=j,
+        ))  # fmt: skip
+    return buf
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_holdout_gate_keeps_a_patch_only_if_the_newest_feedback_improves(shift: bool) -> None:
+    """Trained on old feedback; if the user's taste flipped in the newest groups, the new patch is refused."""
+    from device_rerank.personalize import fine_tune_patch
+
+    rng = np.random.default_rng(1)
+    taste = rng.normal(size=D).astype(np.float32)
+    taste /= np.linalg.norm(taste)
+    buf = _buffer_with_taste(taste, -taste if shift else taste, n_old=40, n_new=8)
+    model = Reranker()
+    start = torch.zeros(model.config.patch_dim)
+    gated = PersonalizeConfig(lr=0.1, max_norm=5.0, holdout_groups=8)
+    patch, _ = fine_tune_patch(model, buf, start, gated, 30, rng)
+    ungated, _ = fine_tune_patch(model, buf, start, PersonalizeConfig(lr=0.1, max_norm=5.0), 30, np.random.default_rng(1))
+    assert float(ungated.norm()) > 0  # without the gate the patch always moves
+    if shift:
+        assert torch.equal(patch, start)
+    else:
+        assert float(patch.norm()) > 0

@@ -14,7 +14,8 @@ from tandem.strategies.federated import FED_SERVER_LR
 #: up to 5, 5 steps per fetch) overfits the few buffered groups: measured on Twitch (first
 #: 12k events) NDCG@10 -4.6% vs cloud-only, against +0.3% with personalization off. A
 #: smaller step and a tighter norm bound keep the patch a small correction.
-HYBRID_PERSONALIZE = PersonalizeConfig(lr=0.01, max_norm=1.0, l2=1e-2)
+HYBRID_PERSONALIZE_UNGATED = PersonalizeConfig(lr=0.01, max_norm=1.0, l2=1e-2)
+HYBRID_PERSONALIZE = PersonalizeConfig(lr=0.01, max_norm=1.0, l2=1e-2, holdout_groups=4)
 
 
 class HybridStrategy(Strategy):
