@@ -96,21 +96,56 @@ class ItemCache:
         return item_id in self._slot
 
     def put(self, item_ids: np.ndarray, emb_q: np.ndarray, emb_scale: np.ndarray) -> None:
-        """Insert or refresh rows (evicting least recently used)."""
+        """Insert or refresh rows, evicting the least recently used.
+
+        Evictions for all new items are chosen at once (one stable sort), never among the rows
+        this put refreshes: a per-item ``argmin`` over every slot made a fetch of 100 new items
+        cost 100 full scans once the cache was full.
+        """
         self._clock += 1
-        for i, item in enumerate(item_ids.tolist()):
+        ids = np.asarray(item_ids, dtype=np.int64).tolist()
+        slots = np.empty(len(ids), dtype=np.int64)
+        new: list[int] = []
+        first: dict[int, int] = {}
+        for i, item in enumerate(ids):
             slot = self._slot.get(item)
             if slot is None:
-                if len(self._slot) < self.capacity:
-                    slot = len(self._slot)
+                j = first.get(item)
+                if j is None:
+                    first[item] = i
+                    new.append(i)
+                    slots[i] = -1
                 else:
-                    slot = int(np.argmin(self._used))
-                    del self._slot[int(self._ids[slot])]
-                self._slot[item] = slot
-                self._ids[slot] = item
-            self._q[slot] = emb_q[i]
-            self._scale[slot] = emb_scale[i]
-            self._used[slot] = self._clock
+                    slots[i] = -(j + 2)  # duplicate of a new item in this put
+            else:
+                slots[i] = slot
+                self._used[slot] = self._clock
+        if new:
+            free = self.capacity - len(self._slot)
+            take = list(range(len(self._slot), len(self._slot) + min(free, len(new))))
+            need = len(new) - len(take)
+            if need > 0:
+                used = self._used.copy()
+                used[slots[slots >= 0]] = np.iinfo(np.int64).max  # refreshed by this put
+                used[take] = np.iinfo(np.int64).max  # free slots already handed out
+                evictable = int((used != np.iinfo(np.int64).max).sum())
+                victims = np.argsort(used, kind="stable")[: min(need, evictable)]
+                for v in victims.tolist():
+                    del self._slot[int(self._ids[v])]
+                take += victims.tolist()
+            for i, slot in zip(new, take):
+                self._slot[ids[i]] = slot
+                self._ids[slot] = ids[i]
+                slots[i] = slot
+                self._used[slot] = self._clock
+            for i in new[len(take) :]:  # more new items than capacity: the tail is not cached
+                slots[i] = -1
+        dup = slots < -1
+        if dup.any():
+            slots[dup] = slots[-(slots[dup] + 2)]
+        ok = slots >= 0
+        self._q[slots[ok]] = np.asarray(emb_q)[ok]
+        self._scale[slots[ok]] = np.asarray(emb_scale)[ok]
 
     def get(self, item_id: int) -> np.ndarray | None:
         """Dequantized float32 embedding, or None when not cached."""

@@ -217,3 +217,57 @@ def test_item_stats_stay_bounded() -> None:
         dev.observe(j, 10_000 + j, EventKind.IMPRESSION)
     dev.observe(1_000, 99_999, EventKind.CLICK)
     assert len(dev.stats) <= 4 * 16 and dev.stats[99_999].count == 1
+
+
+class _ReferenceLRU:
+    """Per-item LRU (one argmin per new item): what ``ItemCache`` must keep, done the slow way."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used, self.clock = capacity, {}, 0
+
+    def put(self, ids: np.ndarray) -> None:
+        self.clock += 1
+        for it in ids.tolist():
+            self.used[it] = self.clock  # refreshed rows are never evicted by their own put
+        while len(self.used) > self.capacity:
+            del self.used[min(self.used, key=lambda k: (self.used[k], k in ids.tolist()))]
+
+    def get(self, it: int) -> None:
+        if it in self.used:
+            self.clock += 1
+            self.used[it] = self.clock
+
+
+def test_item_cache_is_lru_with_batched_eviction() -> None:
+    """``ItemCache`` keeps the same items as a per-item LRU and returns the right vectors."""
+    from device_rerank.features import ItemCache
+
+    rng = np.random.default_rng(0)
+    ref, cache = _ReferenceLRU(16), ItemCache(16, 4)
+    for step in range(60):
+        ids = rng.choice(40, size=int(rng.integers(1, 12)), replace=False).astype(np.int64)
+        q = rng.integers(-127, 127, size=(len(ids), 4)).astype(np.int8)
+        sc = rng.random(len(ids)).astype(np.float32)
+        ref.put(ids)
+        cache.put(ids, q, sc)
+        assert len(cache) <= 16 and set(ids.tolist()) <= set(cache._slot)
+        for i, it in enumerate(ids.tolist()):
+            assert np.allclose(cache.get(it), q[i].astype(np.float32) * sc[i])
+            ref.get(it)
+        if step % 7 == 0:  # reads refresh recency
+            for it in ids[:2].tolist():
+                cache.get(it), ref.get(it)
+        assert set(cache._slot) == set(ref.used)
+
+
+def test_item_cache_put_larger_than_capacity_keeps_distinct_slots() -> None:
+    from device_rerank.features import ItemCache
+
+    cache = ItemCache(8, 2)
+    cache.put(np.arange(5, dtype=np.int64), np.ones((5, 2), np.int8), np.ones(5, np.float32))
+    ids = np.arange(100, 120, dtype=np.int64)
+    cache.put(ids, np.arange(40, dtype=np.int8).reshape(20, 2), np.ones(20, np.float32))
+    assert len(cache) == 8 and len(set(cache._slot.values())) == 8
+    for it, slot in cache._slot.items():
+        assert cache._ids[slot] == it
+        assert np.allclose(cache.get(it), np.arange(40).reshape(20, 2)[it - 100])

@@ -110,29 +110,6 @@ def test_torchrec_cloud_drives_the_loop() -> None:
         make_cloud_factory("nope")
 
 
-def test_batch_lru_cache_matches_item_cache() -> None:
-    """The loop's batched-eviction cache keeps the same items as ItemCache (LRU) and the right vectors."""
-    from device_rerank.features import ItemCache
-    from tandem.evaluation.prequential import BatchLRUCache
-
-    rng = np.random.default_rng(0)
-    a, b = ItemCache(16, 4), BatchLRUCache(16, 4)
-    for step in range(60):
-        ids = rng.choice(40, size=int(rng.integers(1, 12)), replace=False).astype(np.int64)
-        q = rng.integers(-127, 127, size=(len(ids), 4)).astype(np.int8)
-        sc = rng.random(len(ids)).astype(np.float32)
-        a.put(ids, q, sc)
-        b.put(ids, q, sc)
-        assert len(b) <= 16 and set(ids.tolist()) <= set(b._slot)
-        for i, it in enumerate(ids.tolist()):
-            assert np.allclose(b.get(it), q[i].astype(np.float32) * sc[i])
-            assert np.allclose(a.get(it), q[i].astype(np.float32) * sc[i])
-        if step % 7 == 0:  # reads refresh recency in both
-            for it in ids[:2].tolist():
-                a.get(it), b.get(it)
-    assert set(a._slot) == set(b._slot)
-
-
 def test_parallel_workers_give_the_same_results() -> None:
     """Splitting strategies over forked workers changes nothing but wall time."""
     world = generate(SyntheticConfig(events=1500, users=30, items=40, days=1.0, seed=4))

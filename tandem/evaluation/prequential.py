@@ -43,7 +43,6 @@ from cloud_recsys.candidates import Candidates, quantize_rows
 from device_rerank.config import CTX_FEATURES, DeviceConfig, RerankerConfig
 from device_rerank.device import Device
 from device_rerank.encoders import HardExamples
-from device_rerank.features import ItemCache
 from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, UpdateVerifier
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
@@ -170,62 +169,6 @@ class LiveIndex:
 
 
 # -- devices ----------------------------------------------------------------------
-class BatchLRUCache(ItemCache):
-    """``ItemCache`` whose ``put`` evicts all the slots it needs at once.
-
-    ``ItemCache.put`` runs an ``argmin`` over every slot for each new item once the cache
-    is full; a fetch of 100 mostly new items then costs 100 scans (it was the part of the
-    replay that grew with time). Here the least recently used slots not refreshed by this
-    put are taken in one stable sort. Same LRU policy; only ties between items of one older
-    put may be broken differently.
-    """
-
-    def put(self, item_ids: np.ndarray, emb_q: np.ndarray, emb_scale: np.ndarray) -> None:  # type: ignore[override]
-        self._clock += 1
-        ids = np.asarray(item_ids, dtype=np.int64).tolist()
-        slots = np.empty(len(ids), dtype=np.int64)
-        new: list[int] = []
-        first: dict[int, int] = {}
-        for i, item in enumerate(ids):
-            slot = self._slot.get(item)
-            if slot is None:
-                j = first.get(item)
-                if j is None:
-                    first[item] = i
-                    new.append(i)
-                    slots[i] = -1
-                else:
-                    slots[i] = -(j + 2)  # duplicate of a new item in this put
-            else:
-                slots[i] = slot
-                self._used[slot] = self._clock
-        if new:
-            free = self.capacity - len(self._slot)
-            take = list(range(len(self._slot), len(self._slot) + min(free, len(new))))
-            need = len(new) - len(take)
-            if need > 0:
-                used = self._used.copy()
-                used[slots[slots >= 0]] = np.iinfo(np.int64).max  # refreshed by this put
-                used[take] = np.iinfo(np.int64).max  # free slots already handed out
-                victims = np.argsort(used, kind="stable")[:need]
-                for v in victims.tolist():
-                    del self._slot[int(self._ids[v])]
-                take += victims.tolist()
-            for i, slot in zip(new, take):
-                self._slot[ids[i]] = slot
-                self._ids[slot] = ids[i]
-                slots[i] = slot
-                self._used[slot] = self._clock
-            for i in new[len(take) :]:  # more new items than capacity: the tail is not cached
-                slots[i] = -1
-        dup = slots < -1
-        if dup.any():
-            slots[dup] = slots[-(slots[dup] + 2)]
-        ok = slots >= 0
-        self._q[slots[ok]] = np.asarray(emb_q)[ok]
-        self._scale[slots[ok]] = np.asarray(emb_scale)[ok]
-
-
 class LazyDevice(Device):
     """``Device`` that defers re-scoring to the next ``ranking`` call.
 
@@ -239,10 +182,6 @@ class LazyDevice(Device):
     """
 
     record_examples: bool = True
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.cache = BatchLRUCache(self.cache.capacity, self.cache.dim)
 
     def _rescore(self, at_ms: int) -> None:  # type: ignore[override]
         self._dirty = True
