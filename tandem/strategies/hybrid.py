@@ -13,8 +13,8 @@ from tandem.strategies.federated import FED_SERVER_LR
 #: On-device patch fine-tuning for hybrid devices. The device default (lr 0.05, patch norm
 #: up to 5, 5 steps per fetch) overfits the few buffered groups: measured on Twitch (first
 #: 12k events) NDCG@10 -4.6% vs cloud-only, against +0.3% with personalization off. A
-#: smaller step and a tighter norm bound keep the patch a small correction.
-HYBRID_PERSONALIZE_UNGATED = PersonalizeConfig(lr=0.01, max_norm=1.0, l2=1e-2)
+#: smaller step and a tighter norm bound keep the patch a small correction, and the patch is
+#: kept only when it lowers the loss on the newest 4 groups (whole Twitch log: +0.9% -> +1.4%).
 HYBRID_PERSONALIZE = PersonalizeConfig(lr=0.01, max_norm=1.0, l2=1e-2, holdout_groups=4)
 
 
