@@ -9,7 +9,7 @@ availability.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,10 @@ class EventLog:
     @property
     def n_items(self) -> int:
         return int(self.events.item_id.nunique())
+
+    def rows(self, start: int, stop: int) -> "EventLog":
+        """Events ``start:stop`` with the same side tables (a slice to replay or a cut log)."""
+        return replace(self, events=self.events.iloc[start:stop].reset_index(drop=True))
 
     def batches(self, size: int) -> "list[EventBatch]":
         """The log as wire batches of at most ``size`` events, in order."""

@@ -51,10 +51,9 @@ def replay_command(
     from rich.console import Console
     from rich.table import Table
 
-    from tandem.commands._load import load_or_exit
-    from streams.datasets.base import EventLog
     from streams.replay import replay
     from streams.transports import open_transport
+    from tandem.commands._load import load_or_exit
 
     console = Console(stderr=True)
     pace = parse_speed(speed)
@@ -68,14 +67,7 @@ def replay_command(
     if limit is not None and limit < len(event_log):
         # transitions after the cut belong to events that are not replayed
         availability_range = (None, int(event_log.events.ts_ms.iloc[limit]))
-        event_log = EventLog(
-            name=event_log.name,
-            events=event_log.events.iloc[:limit].reset_index(drop=True),
-            items=event_log.items,
-            availability=event_log.availability,
-            step_ms=event_log.step_ms,
-            meta=event_log.meta,
-        )
+        event_log = event_log.rows(0, limit)
     console.print(
         f"{event_log.name}: {len(event_log):,} events, {event_log.n_users:,} users, {event_log.n_items:,} items"
         + (f", {len(event_log.availability):,} live intervals" if event_log.availability is not None else "")

@@ -33,27 +33,8 @@ def load_log(source: str, events: int = 0, seed: int = 0) -> Any:
     opts: dict[str, Any] = {}
     if source == "synthetic":
         opts = {"events": events or 20_000, "seed": seed}
-    try:
-        log_ = load_source(source, **opts)
-    except TypeError:  # loaders that take no such options
-        log_ = load_source(source)
-    if events and len(log_) > events:
-        log_ = slice_log(log_, 0, events)
-    return log_
-
-
-def slice_log(event_log: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of an EventLog (same side tables)."""
-    from streams.datasets.base import EventLog
-
-    return EventLog(
-        name=event_log.name,
-        events=event_log.events.iloc[start:stop].reset_index(drop=True),
-        items=event_log.items,
-        availability=event_log.availability,
-        step_ms=event_log.step_ms,
-        meta=event_log.meta,
-    )
+    log_ = load_source(source, **opts)
+    return log_.rows(0, events) if events and len(log_) > events else log_
 
 
 class Replayer:
@@ -110,11 +91,12 @@ class Replayer:
                 wait = wall0 + (int(ts[start]) - int(ts[0])) / 1000.0 / s.speed - time.monotonic()
                 if wait > 0 and self._stop.wait(wait):
                     break
-            part = slice_log(event_log, start, stop)
+            part = event_log.rows(start, stop)
             if av_producer is not None:
-                lo = np.iinfo(np.int64).min if start == 0 else int(ts[start])
-                hi = np.iinfo(np.int64).max if stop >= total else int(ts[stop])
-                sel = np.flatnonzero((av_ts >= lo) & (av_ts < hi))
+                # transitions with ts[start] <= ts < ts[stop] (unbounded at the ends); av_ts is sorted
+                lo = 0 if start == 0 else int(np.searchsorted(av_ts, ts[start], side="left"))
+                hi = len(av_ts) if stop >= total else int(np.searchsorted(av_ts, ts[stop], side="left"))
+                sel = np.arange(lo, hi)
                 if len(sel):
                     av_producer.send(avail.take(sel))
                     av_producer.flush()
