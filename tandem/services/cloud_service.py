@@ -253,14 +253,13 @@ class CloudWorker:
         self.metrics = registry or Registry("cloud")
         self.state = DeliveryState()
         self.consumers: dict[str, Consumer] = {}
-        self.pending_updates: list[tuple[str, Any]] = []
+        self.pending_updates: dict[str, Any] = {}  # update id -> verified update, in arrival order
         self._dead: set[tuple[str, int, int, int]] = set()
         self._since_refresh = 0
         self._since_ckpt = 0
         self._pending_since = time.monotonic()
         self._last_ckpt = time.monotonic()
         self._stop = threading.Event()
-        self.stopped = threading.Event()
         self.error: BaseException | None = None
         self.lock = threading.Lock()
 
@@ -282,8 +281,7 @@ class CloudWorker:
             parts = list(range(self.transport.partitions(topic)))
             cons = self.transport.consumer(topic, self.settings.group, partitions=parts)
             if restored:
-                for part in parts:
-                    cons.seek(part, self.state.offsets.get(topic, {}).get(part, 0))
+                self._seek_to_state(topic, cons, parts)
             self.consumers[topic] = cons
         self.gate.set_model_version(self.engine.version)
         self._publish_gauges()
@@ -343,10 +341,7 @@ class CloudWorker:
             for old in sorted(p for p in root.glob("ckpt-*") if p.name != name)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
         # The broker's committed offsets trail the checkpoint (informative: lag, monitoring).
-        for topic, cons in self.consumers.items():
-            offs = self.state.offsets.get(topic)
-            if offs:
-                cons.commit(dict(offs))
+        self._commit_offsets()
         self._since_ckpt = 0
         self._last_ckpt = time.monotonic()
         self.metrics.inc("checkpoints", help="checkpoints written")
@@ -443,7 +438,7 @@ class CloudWorker:
         from tandem.services.devices import digest
 
         update_id = digest(rec.value)
-        if update_id in self.state.seen_updates or any(u == update_id for u, _ in self.pending_updates):
+        if update_id in self.state.seen_updates or update_id in self.pending_updates:
             self.metrics.inc("updates_duplicate", help="updates skipped as already applied")
             return
         try:
@@ -453,18 +448,30 @@ class CloudWorker:
             return
         if not self.pending_updates:
             self._pending_since = time.monotonic()
-        self.pending_updates.append((update_id, update))
+        self.pending_updates[update_id] = update
         self.metrics.observe("update_bytes_received", len(rec.value))
 
     def _flush_updates(self) -> None:
         if not self.pending_updates:
             return
-        ids = [u for u, _ in self.pending_updates]
-        self.engine.apply_updates([u for _, u in self.pending_updates])
+        ids = list(self.pending_updates)
+        self.engine.apply_updates(list(self.pending_updates.values()))
         self.state.seen_updates.update(ids)
         self.state.updates_applied += len(ids)
         self.metrics.inc("updates_applied", len(ids), help="device updates aggregated")
-        self.pending_updates = []
+        self.pending_updates = {}
+
+    def _commit_offsets(self) -> None:
+        """Commit the offsets of everything processed so far (``state.offsets``) to the broker."""
+        for topic, cons in self.consumers.items():
+            offs = self.state.offsets.get(topic)
+            if offs:
+                cons.commit(dict(offs))
+
+    def _seek_to_state(self, topic: str, cons: Consumer, parts: Any) -> None:
+        """Position ``cons`` at the restored state's next offset of each partition (0 when none)."""
+        for part in parts:
+            cons.seek(part, self.state.offsets.get(topic, {}).get(part, 0))
 
     def _advance(self, rec: Record) -> None:
         self.state.offsets.setdefault(rec.topic, {})[rec.partition] = rec.offset + 1
@@ -516,10 +523,7 @@ class CloudWorker:
         if n and not self._ckpt_root():
             # At-least-once without checkpoints: effects acknowledged, then offsets committed.
             self.transport.flush()
-            for topic, cons in self.consumers.items():
-                offs = self.state.offsets.get(topic)
-                if offs:
-                    cons.commit(dict(offs))
+            self._commit_offsets()
         if self._ckpt_root() and self._since_ckpt > 0 and (
             self._since_ckpt >= s.checkpoint_every_events or time.monotonic() - self._last_ckpt >= s.checkpoint_every_s
         ):
@@ -569,13 +573,12 @@ class CloudWorker:
         dead letters exist.
         """
         with self.lock:
-            self.pending_updates = []
+            self.pending_updates = {}
             self._dead = set()
             self._load_dead_letters()
             if self.restore():
                 for topic, cons in self.consumers.items():
-                    for part in range(self.transport.partitions(topic)):
-                        cons.seek(part, self.state.offsets.get(topic, {}).get(part, 0))
+                    self._seek_to_state(topic, cons, range(self.transport.partitions(topic)))
         log.info("recovered at events_applied=%d", self.state.events_applied)
 
     def run(self, max_idle_s: float | None = None, give_up_s: float = 300.0) -> None:
@@ -620,8 +623,6 @@ class CloudWorker:
             self.error = exc
             log.exception("cloud worker failed")
             raise
-        finally:
-            self.stopped.set()
 
     def stop(self) -> None:
         self._stop.set()

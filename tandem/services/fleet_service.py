@@ -28,6 +28,7 @@ import httpx
 import numpy as np
 
 from cloud_recsys.candidates import Candidates
+from cloud_recsys.http import candidates_from_json
 from streams.batch import EventBatch, decode_valid
 from streams.schema import AVAILABILITY_KINDS, SchemaError
 from streams.transport import Consumer, Transport
@@ -37,21 +38,6 @@ from tandem.services.settings import TOPIC_INTERACTIONS, TOPIC_REFRESH, TOPIC_UP
 log = logging.getLogger(__name__)
 
 _AVAIL = np.array(sorted(int(k) for k in AVAILABILITY_KINDS), dtype=np.uint8)
-
-
-def decode_candidates(body: dict[str, Any]) -> Candidates:
-    """A candidate list from the cloud API's JSON (cloud_recsys.http's codec when present)."""
-    try:
-        from cloud_recsys import http as cloud_http
-
-        decode = getattr(cloud_http, "candidates_from_json", None)
-        if decode is not None:
-            return decode(body)
-    except ImportError:
-        pass
-    from tandem.services.engines import candidates_from_json
-
-    return candidates_from_json(body)
 
 
 class CandidateClient:
@@ -78,7 +64,7 @@ class CandidateClient:
         if self.metrics:
             self.metrics.observe("candidate_fetch_seconds", time.perf_counter() - t0)
             self.metrics.inc("candidate_bytes", len(resp.content))
-        return decode_candidates(resp.json())
+        return candidates_from_json(resp.json())
 
     def candidates_batch(self, user_ids: list[int], k: int, at_ms: int | None = None) -> list[Candidates]:
         body: dict[str, Any] = {"user_ids": [int(u) for u in user_ids], "k": int(k)}
@@ -91,18 +77,7 @@ class CandidateClient:
         if self.metrics:
             self.metrics.observe("candidate_fetch_seconds", time.perf_counter() - t0)
             self.metrics.inc("candidate_bytes", len(resp.content))
-        if isinstance(data, dict):  # cloud_recsys.http answers {"results": [...]}
-            items = data.get("results", data.get("candidates", []))
-        else:
-            items = data
-        return [decode_candidates(c) for c in items]
-
-    def model_version(self) -> int:
-        """The served model version (from /healthz), 0 when unknown."""
-        try:
-            return int(self.http.get(f"{self.base_url}/healthz").json().get("model_version", 0))
-        except (httpx.HTTPError, ValueError):
-            return 0
+        return [candidates_from_json(c) for c in data["results"]]  # both engines answer {"results": [...]}
 
     def close(self) -> None:
         self.http.close()

@@ -86,10 +86,6 @@ class Registry:
         with self._lock:
             return self._counters.get(name, 0.0)
 
-    def gauge(self, name: str) -> float:
-        with self._lock:
-            return self._gauges.get(name, 0.0)
-
     def _process(self) -> dict[str, float]:
         rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         cur = _current_rss_bytes()

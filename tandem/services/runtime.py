@@ -133,23 +133,9 @@ class LocalBroker:
         log.info("tansu broker on %s (pid %d)", self.bootstrap, self.proc.pid)
         return self
 
-    def pause(self) -> None:
-        """Freeze the broker process (SIGSTOP): connections stay open but nothing answers."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """Unfreeze a paused broker (SIGCONT)."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:
-            os.kill(self.proc.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
         self.proc.terminate()
         try:
             self.proc.wait(5)
