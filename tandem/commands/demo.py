@@ -85,10 +85,8 @@ class Demo:
     ) -> None:
         from tandem.services.runtime import open_transport
         from tandem.dashboard.app import Collector, create_app
-        from tandem.services.cloud_service import CloudWorker
-        from tandem.services.engines import make_engine
+        from tandem.services.cloud_service import build
         from tandem.services.fleet_service import FleetWorker
-        from tandem.services.metrics import Registry, add_metrics_routes
         from tandem.services.replayer_service import Replayer
         from tandem.services.runtime import HttpServer
         from tandem.services.settings import CloudSettings, FleetSettings, ReplayerSettings
@@ -96,9 +94,9 @@ class Demo:
         self.cloud_settings = CloudSettings(
             transport=transport_url, engine=engine, refresh_every_events=refresh_every_events, checkpoint_dir=""
         )
-        self.engine = make_engine(engine, self.cloud_settings)
-        self.cloud = CloudWorker(self.cloud_settings, open_transport(transport_url), self.engine, Registry("cloud")).open()
-        self.cloud_http = HttpServer(add_metrics_routes(self.engine.http_app(), self.cloud.metrics, self.cloud.health), "127.0.0.1", 0)
+        self.cloud, cloud_app = build(self.cloud_settings, open_transport(transport_url))
+        self.engine = self.cloud.engine
+        self.cloud_http = HttpServer(cloud_app, "127.0.0.1", 0)
         self.replayer = Replayer(
             ReplayerSettings(transport=transport_url, source=source, events=events, speed=speed or 0.0), open_transport(transport_url)
         )

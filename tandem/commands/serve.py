@@ -51,7 +51,7 @@ def cloud(
         source=source,
     )
     log.info("cloud settings: %s", as_dict(s))
-    serve_cloud(s, s.engine, max_idle_s=max_idle_s)
+    serve_cloud(s, max_idle_s=max_idle_s)
 
 
 @serve_app.command("fleet")

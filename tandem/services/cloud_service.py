@@ -658,24 +658,23 @@ def decode_row(record: bytes, row: int) -> bytes:
         return record
 
 
-def build(settings: CloudSettings, engine_name: str = "twotower", transport: Transport | None = None) -> tuple[CloudWorker, Any]:
-    """Open the transport, engine and worker; returns (worker, http app)."""
-    from tandem.services.runtime import open_transport
+def build(settings: CloudSettings, transport: Transport | None = None) -> tuple[CloudWorker, Any]:
+    """Open the transport, the engine named by ``settings.engine`` and the worker; returns (worker, http app)."""
     from tandem.services.engines import make_engine
+    from tandem.services.metrics import add_metrics_routes
+    from tandem.services.runtime import open_transport
 
     transport = transport or open_transport(settings.transport)
-    engine = make_engine(engine_name, settings)
+    engine = make_engine(settings.engine, settings)
     registry = Registry("cloud")
     worker = CloudWorker(settings, transport, engine, registry).open()
-    from tandem.services.metrics import add_metrics_routes
-
     app = add_metrics_routes(engine.http_app(), registry, health=worker.health)
     return worker, app
 
 
-def serve(settings: CloudSettings, engine_name: str = "twotower", max_idle_s: float | None = None) -> None:
+def serve(settings: CloudSettings, max_idle_s: float | None = None) -> None:
     """Run the cloud service until SIGTERM/SIGINT: HTTP API in a thread, worker in this one."""
     from tandem.services.runtime import run_worker_with_http
 
-    worker, app = build(settings, engine_name)
+    worker, app = build(settings)
     run_worker_with_http(worker, app, settings.host, settings.port, max_idle_s)
