@@ -398,11 +398,10 @@ class StrategyCloud:
         """
         if self._anchor is None or self.trust_radius is None:
             return
-        w = model.flat_parameters()
-        drift = w - self._anchor
+        drift = model.flat_parameters() - self._anchor
         n = float(np.linalg.norm(drift))
         if n > self.trust_radius:
-            model.apply_delta(drift * (self.trust_radius / n - 1.0))
+            model.apply_delta(drift, scale=self.trust_radius / n - 1.0)
 
     def queries(self, users: np.ndarray, base: np.ndarray) -> np.ndarray:
         """Retrieval queries: the cloud user vector, blended with the latest device interest vector."""
@@ -608,9 +607,11 @@ def run_prequential(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny per-user forwards: thread fan-out costs 5x more than it saves
     try:
-        return _run(log, strategies, config, cloud_factory, progress, reference)
+        result = _run(log, strategies, config, cloud_factory, progress, reference)
     finally:
         torch.set_num_threads(threads)
+    _compare(result.results, reference, config)
+    return result
 
 
 #: Relative replay cost of a strategy's devices (measured on Twitch; used only to balance workers).
@@ -672,8 +673,6 @@ def _run_parallel(
         parts.append(obj)
     by_label = {r.label: r for part in parts for r in part.results}
     results = [by_label[s.label] for s in strategies] + [r for r in parts[0].results if r.kind == "baseline"]
-    for r in results:
-        r.vs_reference = {}
     _compare(results, reference, config)
     head = parts[0]
     timings = {k: float(head.timings.get(k, 0.0)) for k in ("cloud_train_s", "retrieval_s", "baselines_s")}
@@ -697,11 +696,9 @@ def _run(
     reference: str,
     baselines: bool = True,
 ) -> EvaluationResult:
+    """One replay of ``strategies``; ``vs_reference`` is left empty (the caller compares once, on all results)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {"cloud_train_s": 0.0, "retrieval_s": 0.0, "devices_s": 0.0, "rounds_s": 0.0, "baselines_s": 0.0}
-    labels = [s.label for s in strategies]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"strategy labels must be unique: {labels}")
     ev = log.events
     if config.max_events is not None:
         ev = ev.iloc[: config.max_events]
@@ -927,7 +924,6 @@ def _run(
         )
     for name, plog in base_logs.items():
         results.append(_summarize(name, name, "baseline", {"name": name, "description": _BASELINE_DESC[name]}, plog, config, dd))
-    _compare(results, reference, config)
     out = EvaluationResult(
         source=log.name,
         n_events=n,
