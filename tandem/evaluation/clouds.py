@@ -24,6 +24,7 @@ from streams.batch import EventBatch
 from streams.datasets.base import EventLog
 
 if TYPE_CHECKING:
+    from cloud_recsys.trainer import OnlineTrainer
     from tandem.evaluation.prequential import CloudModel, EvalConfig
 
 logger = logging.getLogger(__name__)
@@ -42,20 +43,16 @@ class TorchRecCloud:
     ``EvalConfig.refresh_every`` events); the trainer's own ``version`` is kept in step.
     """
 
-    def __init__(self, trainer: "OnlineTrainerLike") -> None:
+    def __init__(self, trainer: "OnlineTrainer") -> None:
         self.trainer = trainer
         self.version = 0
-        self.steps_log: list[float] = []
 
     @property
     def dim(self) -> int:
         return int(self.trainer.config.out_dim)
 
     def train_batch(self, batch: EventBatch) -> dict:
-        m = self.trainer.train_batch(batch)
-        if "loss" in m:
-            self.steps_log.append(float(m["loss"]))
-        return m
+        return self.trainer.train_batch(batch)
 
     def user_vectors(self, user_ids: np.ndarray, at_ms: int | None = None) -> np.ndarray:
         return self.trainer.user_vectors(np.asarray(user_ids, dtype=np.int64), at_ms)
@@ -64,25 +61,10 @@ class TorchRecCloud:
         ids, vecs = self.trainer.item_vectors()
         return np.asarray(ids, dtype=np.int64), np.asarray(vecs, dtype=np.float32)
 
-    def knows_user(self, user_id: int) -> bool:
-        return bool(self.trainer.known_users(np.array([int(user_id)], dtype=np.int64))[0])
-
     def refresh(self) -> int:
         self.version += 1
         self.trainer.version = self.version
         return self.version
-
-
-class OnlineTrainerLike:  # pragma: no cover - typing only
-    config: object
-
-    def train_batch(self, batch: EventBatch) -> dict: ...
-
-    def user_vectors(self, user_ids: np.ndarray, at_ms: int | None = None) -> np.ndarray: ...
-
-    def item_vectors(self) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def known_users(self, user_ids: np.ndarray) -> np.ndarray: ...
 
 
 def torchrec_cloud(log: EventLog, config: "EvalConfig", batch_size: int = 64, hidden: int = 64) -> TorchRecCloud:
@@ -106,7 +88,7 @@ def torchrec_cloud(log: EventLog, config: "EvalConfig", batch_size: int = 64, hi
     tcfg = TwoTowerConfig(
         num_users=int(ev.user_id.nunique()) + 1,
         num_items=int(ev.item_id.nunique()) + 1,
-        num_categories=max(n_cat, 2),
+        num_categories=n_cat,
         embedding_dim=config.cloud_dim,
         out_dim=config.cloud_dim,
         user_hidden=(hidden,),
@@ -118,20 +100,15 @@ def torchrec_cloud(log: EventLog, config: "EvalConfig", batch_size: int = 64, hi
     return TorchRecCloud(trainer)
 
 
-def stream_cloud(log: EventLog, config: "EvalConfig") -> "CloudModel":
-    """The stand-in ``StreamTwoTower`` (same as ``prequential.default_cloud``)."""
-    from tandem.evaluation.prequential import default_cloud
-
-    return default_cloud(log, config)
-
-
 def make_cloud_factory(name: str) -> Callable[[EventLog, "EvalConfig"], "CloudModel"]:
     """Factory for ``run_prequential(cloud_factory=...)`` by name (``CLOUDS``)."""
     if name == "stream":
-        return stream_cloud
+        from tandem.evaluation.prequential import default_cloud  # the stand-in StreamTwoTower
+
+        return default_cloud
     if name == "torchrec":
         return torchrec_cloud
     raise ValueError(f"unknown cloud {name!r}; expected one of {CLOUDS}")
 
 
-__all__ = ["CLOUDS", "TorchRecCloud", "make_cloud_factory", "stream_cloud", "torchrec_cloud"]
+__all__ = ["CLOUDS", "TorchRecCloud", "make_cloud_factory", "torchrec_cloud"]
