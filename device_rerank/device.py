@@ -345,11 +345,13 @@ class Device:
         n = max(0, min(int(steps), budget))
         if n == 0 or len(self.buffer) == 0:
             return float("nan")
-        self.patch, loss = fine_tune_patch(self.model, self.buffer, self.patch, self.config.personalize, n, self.rng)
+        patch, loss = fine_tune_patch(self.model, self.buffer, self.patch, self.config.personalize, n, self.rng)
         self.session_steps += n
-        self._dirty = True
-        if len(self._cloud_ids):
-            self._rescore(self._now)
+        if patch is not self.patch:  # the holdout gate may keep the old patch: nothing to re-score
+            self.patch = patch
+            self._dirty = True
+            if len(self._cloud_ids):
+                self._rescore(self._now)
         return loss
 
     def interest(self, at_ms: int | None = None) -> np.ndarray | None:
