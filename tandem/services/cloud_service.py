@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from streams.batch import EventBatch, decode_valid, encode_batch
+from streams.batch import EventBatch, decode_record, encode_batch
 from streams.schema import AVAILABILITY_KINDS, POSITIVE_KINDS, SchemaError
 from streams.transport import Consumer, Record, Transport, TransportError
 from tandem.services.metrics import Registry
@@ -373,13 +373,13 @@ class CloudWorker:
 
     def _decode(self, rec: Record) -> EventBatch | None:
         try:
-            batch, bad = decode_valid(rec.value)
+            raw = decode_record(rec.value)
         except SchemaError as exc:
             self._dlq(exc.reason, rec)
             return None
-        for row, reason in bad:
-            raw = decode_row(rec.value, row)
-            self._dlq(reason, rec, payload=raw, row=row)
+        batch, bad = raw.validate()
+        for row, reason in bad:  # each bad row dead-lettered alone, as a one-event batch record
+            self._dlq(reason, rec, payload=encode_batch(raw.take(np.array([row])), compress=False), row=row)
         return batch
 
     def _dedup(self, batch: EventBatch) -> EventBatch:
@@ -645,17 +645,6 @@ class CloudWorker:
             "events_applied": self.state.events_applied,
             **({"error": repr(self.error)} if not ok else {}),
         }
-
-
-def decode_row(record: bytes, row: int) -> bytes:
-    """The wire bytes of one row of a batch record (for its dead letter)."""
-    from streams.batch import decode_record
-
-    try:
-        batch = decode_record(record)
-        return encode_batch(batch.take(np.array([row])), compress=False)
-    except SchemaError:
-        return record
 
 
 def build(settings: CloudSettings, transport: Transport | None = None) -> tuple[CloudWorker, Any]:

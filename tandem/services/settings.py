@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, TypeVar
 
+from streams.delivery import DLQ_SUFFIX
+
 ENV_PREFIX = "TANDEM_"
 
 #: Topic names (docs/architecture.md).
@@ -25,8 +27,8 @@ ALL_TOPICS: tuple[str, ...] = (TOPIC_INTERACTIONS, TOPIC_AVAILABILITY, TOPIC_UPD
 
 
 def dlq_topic(topic: str) -> str:
-    """The dead-letter topic of ``topic``."""
-    return f"{topic}.dlq"
+    """The dead-letter topic of ``topic`` (the same suffix ``streams.delivery.DeadLetter`` uses)."""
+    return topic + DLQ_SUFFIX
 
 
 S = TypeVar("S")
