@@ -8,9 +8,9 @@ one ``RefreshHook`` per cloud model:
   ``space="output"`` deltas (``out_dim``: the item features devices receive in
   ``Candidates``) are output-space residuals. ``apply_item_deltas`` (the aggregator's
   entry) is always output space; "auto" picks by width and refuses when the widths match.
-* feature family -> ``apply_user_vectors({raw user id: vector}, weight)``: uploaded
-  interest vectors blend into (weight 1.0: replace) the user's retrieval query at
-  once - no index refresh needed.
+* feature family -> ``apply_user_vectors({raw user id: vector}, share)``: uploaded
+  interest vectors become a second recall channel for the user (``cloud_recsys.recall``;
+  the query of a user the model has not seen) at once - no index refresh needed.
 * data family -> ``add_training_examples(EventBatch)``: consented examples trained on
   like stream events.
 
@@ -89,13 +89,13 @@ class RefreshHook:
                 self._pending_item_changes += n
         return n
 
-    def apply_user_vectors(self, vectors: dict[int, np.ndarray], weight: float | None = None) -> int:
+    def apply_user_vectors(self, vectors: dict[int, np.ndarray], share: float | None = None) -> int:
         """Uploaded user-interest vectors (raw user id -> (out_dim,)); used at query time at once.
 
-        Idempotent: a vector replaces the user's previous upload (blending with the model's
-        vector happens at query time), so applying the same update twice changes nothing.
+        Idempotent: a vector replaces the user's previous upload (channels are merged at
+        query time), so applying the same update twice changes nothing.
         """
-        return self.trainer.set_user_vectors(vectors, weight)
+        return self.trainer.set_user_vectors(vectors, share)
 
     def add_training_examples(self, batch: EventBatch) -> dict[str, float]:
         """Train on consented device examples (positives of ``batch``) like stream events."""

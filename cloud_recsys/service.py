@@ -20,6 +20,7 @@ import numpy as np
 
 from cloud_recsys.candidates import Candidates, quantize_rows
 from cloud_recsys.index import IndexConfig, ItemIndex
+from cloud_recsys.recall import merge_channels
 from cloud_recsys.popularity import Popularity
 from cloud_recsys.trainer import OnlineTrainer
 from streams.batch import EventBatch
@@ -199,11 +200,23 @@ class CandidateService:
                 seen = [self.trainer.items.to_raw(self.trainer.history.read(np.array([r]))[0]) for r in rows.tolist()]
                 extra = max(len(s) for s in seen)
             scores, ids = self.index.search(q, k + extra, blocked=blocked)
+            interest = self.trainer.interest_vectors(users[idx_known])
+            alt_ids = np.zeros((0, 0), np.int64)
+            if interest:
+                _, alt_ids = self.index.search(np.stack(list(interest.values())), k + extra, blocked=blocked)
+            alt_row = {j: r for r, j in enumerate(interest)}
             for j, pos in enumerate(idx_known.tolist()):
-                keep = ids[j] >= 0
-                if extra:
-                    keep &= ~np.isin(ids[j], seen[j])
-                out[pos] = self._pack(int(users[pos]), ids[j][keep][:k], scores[j][keep][:k], at_ms, None)
+                keep = (ids[j] >= 0) & ~np.isin(ids[j], seen[j])
+                top, top_s = ids[j][keep][:k], scores[j][keep][:k]
+                r = alt_row.get(j)
+                if r is not None:
+                    alt = alt_ids[r][(alt_ids[r] >= 0) & ~np.isin(alt_ids[r], seen[j])]
+                    top = merge_channels(ids[j][keep], alt, k, self.trainer.interest_share)
+                    vecs, _ = self.index.vectors(top)
+                    top_s = (vecs @ q[j]).astype(np.float32)  # the main model's score for every candidate
+                    order = np.argsort(-top_s, kind="stable")
+                    top, top_s = top[order], top_s[order]
+                out[pos] = self._pack(int(users[pos]), top, top_s, at_ms, None)
         for pos in range(len(users)):
             if out[pos] is None:
                 pid, psc = self.popularity.top(k, exclude=blocked)

@@ -88,7 +88,7 @@ class OnlineTrainer:
         self.offsets: dict[int, int] = {}  # partition -> next offset to train on
         self.restored = False
         self.user_overrides: dict[int, np.ndarray] = {}  # uploaded interest vectors (feature family)
-        self.override_weight = 1.0
+        self.interest_share = 0.5  # share of a list the interest-vector recall channel may fill
         self.item_residuals: dict[int, np.ndarray] = {}  # output-space deltas from devices
         self.lock = threading.RLock()
         self.categories.lookup(np.array([NO_CATEGORY]), add=True)  # row 0: unknown category
@@ -345,8 +345,9 @@ class OnlineTrainer:
         Args:
             user_ids: raw user ids.
             at_ms: only history items before this time are used (no look-ahead in replays).
-        Uploaded interest vectors (``set_user_vectors``) are blended in with
-        ``override_weight`` (1.0: they replace the model's vector).
+        A user the model has not seen but who uploaded an interest vector (``set_user_vectors``)
+        gets that vector as the query; for known users the vector is a second recall channel
+        (``interest_vectors``, merged by the service), not part of the query.
         """
         user_ids = np.asarray(user_ids, dtype=np.int64).ravel()
         out = np.zeros((len(user_ids), self.config.out_dim), dtype=np.float32)
@@ -359,14 +360,20 @@ class OnlineTrainer:
                 kjt = build_kjt(len(r), r, self.history.read(r, at_ms))
                 out[ok] = self.model.user_tower(kjt).numpy()
             if self.user_overrides:
-                w = self.override_weight
-                for j, uid in enumerate(user_ids.tolist()):
-                    vec = self.user_overrides.get(uid)
-                    if vec is None:
-                        continue
-                    blended = vec if not ok[j] else (1.0 - w) * out[j] + w * vec
-                    out[j] = blended / max(float(np.linalg.norm(blended)), 1e-12)
+                for j in np.flatnonzero(~ok).tolist():
+                    vec = self.user_overrides.get(int(user_ids[j]))
+                    if vec is not None:
+                        out[j] = vec
         return out
+
+    def interest_vectors(self, user_ids: np.ndarray) -> dict[int, np.ndarray]:
+        """Position in ``user_ids`` -> uploaded interest vector, for users the model also knows."""
+        if not self.user_overrides:
+            return {}
+        user_ids = np.asarray(user_ids, dtype=np.int64).ravel()
+        with self.lock:
+            ok = self.users.lookup(user_ids) >= 0
+            return {j: self.user_overrides[int(u)] for j, u in enumerate(user_ids.tolist()) if ok[j] and int(u) in self.user_overrides}
 
     @torch.no_grad()
     def item_vectors(self, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -389,12 +396,17 @@ class OnlineTrainer:
         return ids, out
 
     # -- device-side contributions (see cloud_recsys/refresh.py) ----------------------
-    def set_user_vectors(self, vectors: dict[int, np.ndarray], weight: float | None = None) -> int:
-        """Store uploaded interest vectors (raw user id -> (out_dim,)); returns how many were kept."""
-        if weight is not None:
-            if not 0.0 <= weight <= 1.0:
-                raise ValueError(f"weight must be in [0, 1], got {weight}")
-            self.override_weight = float(weight)
+    def set_user_vectors(self, vectors: dict[int, np.ndarray], share: float | None = None) -> int:
+        """Store uploaded interest vectors (raw user id -> (out_dim,)); returns how many were kept.
+
+        Args:
+            share: when given, the new ``interest_share`` (fraction of a candidate list the
+                interest channel may fill, ``cloud_recsys.recall.merge_channels``).
+        """
+        if share is not None:
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"share must be in [0, 1], got {share}")
+            self.interest_share = float(share)
         kept = 0
         with self.lock:
             for uid, vec in vectors.items():
@@ -471,7 +483,7 @@ class OnlineTrainer:
                 "item_counts": self.item_counts.copy(),
                 "popularity": self.popularity.state_dict(),
                 "user_overrides": dict(self.user_overrides),
-                "override_weight": self.override_weight,
+                "interest_share": self.interest_share,
                 "item_residuals": dict(self.item_residuals),
                 "offsets": dict(self.offsets),
                 "counters": {"version": self.version, "steps": self.steps, "events_trained": self.events_trained,
@@ -496,7 +508,7 @@ class OnlineTrainer:
             self.item_counts = np.asarray(state["item_counts"], dtype=np.float64).copy()
             self.popularity.load_state_dict(state["popularity"])
             self.user_overrides = {int(k): np.asarray(v, np.float32) for k, v in state["user_overrides"].items()}
-            self.override_weight = float(state["override_weight"])
+            self.interest_share = float(state.get("interest_share", 0.5))
             self.item_residuals = {int(k): np.asarray(v, np.float32) for k, v in state["item_residuals"].items()}
             self.offsets = {int(k): int(v) for k, v in state["offsets"].items()}
             c = state["counters"]

@@ -144,9 +144,14 @@ def test_user_vectors_apply_at_once_and_twice_is_idempotent(service: CandidateSe
     target = _outside_top(service, user)
     vec = service.index.vectors(np.array([target]))[0][0]
     v0 = service.model_version
+    base = service.candidates(user, k=10)
     assert hook.apply_user_vectors({user: vec}) == 1
     once = service.candidates(user, k=10)
-    assert once.item_ids[0] == target and service.model_version == v0  # no refresh needed
+    assert target in once.item_ids and service.model_version == v0  # a second recall channel, no refresh needed
+    assert set(base.item_ids[:5].tolist()) <= set(once.item_ids.tolist())  # the model keeps half the slots
+    q = service.trainer.user_vectors(np.array([user]))[0]
+    vecs, _ = service.index.vectors(once.item_ids)
+    assert np.allclose(once.scores, vecs @ q, atol=1e-5) and (np.diff(once.scores) <= 1e-6).all()  # the model's scores
     hook.apply_user_vectors({user: vec})
     twice = service.candidates(user, k=10)
     assert np.array_equal(once.item_ids, twice.item_ids) and np.allclose(once.scores, twice.scores)
