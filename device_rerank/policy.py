@@ -3,7 +3,9 @@
 A policy answers "is this update worth sending now?"; a window answers "may
 this device use the network now?" (Wi-Fi and charging). The fleet uploads only
 when both say yes. One policy object serves a whole fleet: per-device state is
-kept inside, keyed by device id.
+kept inside, keyed by device id and update family (``family``: a strategy that sends
+interest vectors after engagements and parameter deltas at fetches gates each against
+its own last upload; with one shared memory the frequent family would starve the other).
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ class UploadPolicy(abc.ABC):
     """Decides whether a device should upload now."""
 
     @abc.abstractmethod
-    def should_upload(self, device_id: int, now_ms: int, interest: np.ndarray | None) -> bool: ...
+    def should_upload(self, device_id: int, now_ms: int, interest: np.ndarray | None, family: str = "") -> bool: ...
 
-    def mark_sent(self, device_id: int, now_ms: int, interest: np.ndarray | None) -> None:
-        """Called after an upload was sent."""
+    def mark_sent(self, device_id: int, now_ms: int, interest: np.ndarray | None, family: str = "") -> None:
+        """Called after an upload (of ``family``; "" = all families together) was sent."""
 
 
 class AlwaysUpload(UploadPolicy):
     """Every opportunity (the traffic baseline)."""
 
-    def should_upload(self, device_id: int, now_ms: int, interest: np.ndarray | None) -> bool:
+    def should_upload(self, device_id: int, now_ms: int, interest: np.ndarray | None, family: str = "") -> bool:
         return True
 
 
@@ -39,14 +41,14 @@ class PeriodicUpload(UploadPolicy):
 
     def __init__(self, every_ms: int) -> None:
         self.every_ms = every_ms
-        self._last: dict[int, int] = {}
+        self._last: dict[tuple[int, str], int] = {}
 
-    def should_upload(self, device_id: int, now_ms: int, interest: np.ndarray | None) -> bool:
-        last = self._last.get(device_id)
+    def should_upload(self, device_id: int, now_ms: int, interest: np.ndarray | None, family: str = "") -> bool:
+        last = self._last.get((device_id, family))
         return last is None or now_ms - last >= self.every_ms
 
-    def mark_sent(self, device_id: int, now_ms: int, interest: np.ndarray | None) -> None:
-        self._last[device_id] = now_ms
+    def mark_sent(self, device_id: int, now_ms: int, interest: np.ndarray | None, family: str = "") -> None:
+        self._last[(device_id, family)] = now_ms
 
 
 class DriftTriggered(UploadPolicy):
@@ -57,7 +59,7 @@ class DriftTriggered(UploadPolicy):
 
     def __init__(self, threshold: float = 0.1) -> None:
         self.threshold = threshold
-        self._sent: dict[int, np.ndarray] = {}
+        self._sent: dict[tuple[int, str], np.ndarray] = {}
 
     @staticmethod
     def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,15 +68,15 @@ class DriftTriggered(UploadPolicy):
             return 1.0
         return 1.0 - float(np.dot(a, b)) / (na * nb)
 
-    def should_upload(self, device_id: int, now_ms: int, interest: np.ndarray | None) -> bool:
+    def should_upload(self, device_id: int, now_ms: int, interest: np.ndarray | None, family: str = "") -> bool:
         if interest is None:
             return False
-        last = self._sent.get(device_id)
+        last = self._sent.get((device_id, family))
         return last is None or self.cosine_distance(interest, last) >= self.threshold
 
-    def mark_sent(self, device_id: int, now_ms: int, interest: np.ndarray | None) -> None:
+    def mark_sent(self, device_id: int, now_ms: int, interest: np.ndarray | None, family: str = "") -> None:
         if interest is not None:
-            self._sent[device_id] = np.array(interest, dtype=np.float32)
+            self._sent[(device_id, family)] = np.array(interest, dtype=np.float32)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,20 @@ def test_policy_units() -> None:
     assert d.should_upload(1, 0, np.array([0.0, 1.0]))
 
 
+def test_policies_keep_each_family_apart() -> None:
+    """A frequent family (interest vectors) must not starve a rarer one (parameter deltas)."""
+    d = DriftTriggered(threshold=0.1)
+    v = np.array([1.0, 0.0])
+    d.mark_sent(1, 0, v, family="feature")
+    assert not d.should_upload(1, 0, v, family="feature")
+    assert d.should_upload(1, 0, v, family="parameter")  # nothing sent for this family yet
+    d.mark_sent(1, 0, v, family="parameter")
+    assert not d.should_upload(1, 0, v, family="parameter") and not d.should_upload(1, 0, v, family="feature")
+    p = PeriodicUpload(every_ms=1000)
+    p.mark_sent(1, 0, None, family="feature")
+    assert not p.should_upload(1, 10, None, family="feature") and p.should_upload(1, 10, None, family="parameter")
+
+
 @pytest.mark.parametrize("mode", ["nightly", "random"])
 def test_connectivity_windows(mode: str) -> None:
     w = ConnectivityWindow(mode, hours=6, seed=3)

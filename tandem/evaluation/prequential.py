@@ -976,10 +976,10 @@ def _maybe_upload(r: _Run, dev: Device, trigger: str, t: int, j: int, min_new: i
             if not fams:
                 return
     interest = dev.interest(t)
-    if not pol.should_upload(dev.device_id, t, interest):
-        return
-    sent = False
-    for fam in fams:
+    sent_costly = False
+    for fam in fams:  # each family is gated against its own last upload
+        if not pol.should_upload(dev.device_id, t, interest, family=fam):
+            continue
         env = dev.make_update(fam, t)
         if env is None:
             continue
@@ -987,11 +987,10 @@ def _maybe_upload(r: _Run, dev: Device, trigger: str, t: int, j: int, min_new: i
         r.pending.append((raw, j))
         r.bytes_up += len(raw)
         r.uploads += 1
-        sent = True
-    if sent:
-        pol.mark_sent(dev.device_id, t, interest)
-        if costly:
-            r.last_upload_n[dev.device_id] = dev.history.n
+        pol.mark_sent(dev.device_id, t, interest, family=fam)
+        sent_costly |= fam in costly
+    if sent_costly:
+        r.last_upload_n[dev.device_id] = dev.history.n
 
 
 def _summarize(
