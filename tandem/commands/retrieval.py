@@ -31,6 +31,7 @@ def retrieval_command(
     dim: Optional[int] = typer.Option(None, "--dim", help="embedding and tower output width"),
     history_len: Optional[int] = typer.Option(None, "--history-len", help="recent items in the user's history bag"),
     popularity_prior: Optional[float] = typer.Option(None, "--popularity-prior", help="beta of the log-popularity prior (0: off)"),
+    ensemble: Optional[int] = typer.Option(None, "--ensemble", help="two-towers (seeds seed..seed+N-1) whose scores are averaged"),
     index_kind: str = typer.Option("ivf", "--index", help="FAISS index for the ANN row: ivf | hnsw | flat"),
     nprobe: int = typer.Option(32, "--nprobe", help="IVF cells probed per query"),
     include_seen: bool = typer.Option(False, "--include-seen", help="do not exclude items the user engaged with in training"),
@@ -44,6 +45,8 @@ def retrieval_command(
 
     if threads <= 0:
         raise typer.BadParameter(f"--threads must be positive, got {threads}")
+    if ensemble is not None and ensemble <= 0:
+        raise typer.BadParameter(f"--ensemble must be positive, got {ensemble}")
     torch.set_num_threads(threads)
     from rich.console import Console
     from rich.table import Table
@@ -72,6 +75,7 @@ def retrieval_command(
         epochs=epochs if epochs is not None else cfg.epochs,
         exclude_seen=not include_seen,
         popularity_prior=popularity_prior if popularity_prior is not None else cfg.popularity_prior,
+        ensemble=ensemble if ensemble is not None else cfg.ensemble,
         model=model,
         index=IndexConfig(kind=index_kind, nprobe=nprobe, threads=threads),
     )
@@ -96,7 +100,7 @@ def retrieval_command(
     out.print(
         f"train {int(info['train_events']):,} positives, test {int(info['test_events']):,} positives, "
         f"{int(info['test_users']):,} test users, {int(info['items']):,} items; epochs {cfg.epochs}, "
-        f"dim {cfg.model.out_dim}, history {cfg.model.history_len}, popularity prior {cfg.popularity_prior}; "
+        f"dim {cfg.model.out_dim}, history {cfg.model.history_len}, popularity prior {cfg.popularity_prior}, ensemble {cfg.ensemble}; "
         f"fit {info['fit_seconds']:.1f} s, total {total_s:.1f} s"
     )
     if json_out is not None:
