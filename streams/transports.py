@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from streams.transport import Transport
 
 _HOSTPORT = re.compile(r"^[A-Za-z0-9._\-]+:\d{1,5}$|^\[[0-9A-Fa-f:]+\]:\d{1,5}$")
 
 
-def open_transport(url: str) -> Transport:
-    """A transport for ``url``; ``ValueError`` saying what is accepted for anything else."""
+def open_transport(url: str, **kafka_config: Any) -> Transport:
+    """A transport for ``url``; ``ValueError`` saying what is accepted for anything else.
+
+    Args:
+        url: see the module docstring.
+        kafka_config: ``KafkaTransport`` keyword options (client_id, session_timeout_ms, ...);
+            ignored for the embedded log.
+    """
     if not isinstance(url, str) or not url:
         raise ValueError(f"transport URL must be a non-empty string, got {url!r}")
     if url.startswith("embedded:"):
@@ -42,7 +49,7 @@ def open_transport(url: str) -> Transport:
                 raise ValueError(f"{url!r}: port {port} out of range")
         from streams.kafka_transport import KafkaTransport
 
-        return KafkaTransport(",".join(parts))
+        return KafkaTransport(",".join(parts), **kafka_config)
     raise ValueError(
         f"unknown transport URL {url!r}: expected embedded:///abs/path, embedded:relative/path "
         "or kafka://host:port[,host:port]"

@@ -119,11 +119,8 @@ def dashboard(
     poll_s: Optional[float] = typer.Option(None, "--poll-s"),
 ) -> None:
     """Dashboard: scrape the services' metrics and serve the live page."""
-    import signal
-    import threading
-
     from tandem.dashboard.app import Collector, create_app, parse_sources
-    from tandem.services.runtime import HttpServer
+    from tandem.services.runtime import HttpServer, wait_for_termination
 
     s = from_env(
         DashboardSettings,
@@ -134,14 +131,9 @@ def dashboard(
     )
     collector = Collector(remote=parse_sources(s.sources), poll_s=s.poll_s).start()
     server = HttpServer(create_app(collector), s.host, s.port).start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     typer.echo(f"dashboard on {server.url}")
     try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
+        wait_for_termination()
     finally:
         server.stop()
         collector.stop()

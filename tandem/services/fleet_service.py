@@ -129,7 +129,9 @@ class FleetWorker:
     def open(self) -> "FleetWorker":
         from tandem.services.cloud_service import IdSet
 
-        self._seen = IdSet()
+        # bounded by the fleet's size: past the capacity the oldest ids become a watermark
+        cap = 50 * self.settings.max_devices
+        self._seen = IdSet(capacity=cap) if cap else IdSet()
         self.transport.create_topic(TOPIC_INTERACTIONS, 4)
         self.transport.create_topic(TOPIC_UPDATES, 4)
         self.transport.create_topic(TOPIC_REFRESH, 1)
@@ -196,10 +198,6 @@ class FleetWorker:
         fresh = ~self._seen.contains(batch.event_id)
         user_rows = fresh & ~np.isin(batch.kind, _AVAIL) & (batch.user_id >= 0)
         self._seen.add(batch.event_id)
-        if self.settings.max_devices and len(self._seen) > 50 * self.settings.max_devices:
-            from tandem.services.cloud_service import IdSet
-
-            self._seen = IdSet()  # bounded memory; duplicates then are caught by the cloud
         idx = np.flatnonzero(user_rows)
         if len(idx) == 0:
             return

@@ -125,6 +125,10 @@ class Replayer:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "events_replayed": self.replayed, "done": self.done.is_set()}
 
@@ -133,20 +137,17 @@ def serve(settings: ReplayerSettings) -> None:
     """Run the replayer with its /healthz + /metrics API until done (or forever when serving)."""
     from fastapi import FastAPI
 
-    from tandem.services.runtime import open_transport
-    from tandem.services.runtime import HttpServer
+    from tandem.services.runtime import HttpServer, open_transport, wait_for_termination
 
     transport = open_transport(settings.transport)
     replayer = Replayer(settings, transport)
     app = add_metrics_routes(FastAPI(title="tandem replayer"), replayer.metrics, health=replayer.health)
     server = HttpServer(app, settings.host, settings.port).start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: (replayer.stop(), stop.set()))
+    signal.signal(signal.SIGTERM, lambda *_: replayer.stop())
     try:
         replayer.run()
-        if not settings.exit_when_done:
-            while not stop.wait(1.0):
-                pass
+        if not settings.exit_when_done and not replayer.stopped:
+            wait_for_termination()
     except KeyboardInterrupt:
         pass
     finally:

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
 
@@ -81,6 +81,27 @@ class HttpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_for_termination(on_stop: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM or Ctrl-C (calling ``on_stop`` first on SIGTERM).
+
+    Why: services that have nothing to run in the foreground (the dashboard, a replayer
+    that keeps serving metrics) must stop on the same signals as the workers.
+    """
+    stop = threading.Event()
+
+    def handle(*_: object) -> None:
+        if on_stop is not None:
+            on_stop()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
 
 
 def run_worker_with_http(worker: Any, app: Any, host: str, port: int, max_idle_s: float | None = None) -> None:
@@ -158,19 +179,13 @@ def open_transport(url: str, **client_config: Any) -> Any:
     ``TANDEM_KAFKA_SESSION_TIMEOUT_MS`` sets the group session timeout (how fast a crashed
     fleet worker's partitions move to the others).
     """
+    from streams.transports import open_transport as _open
+
     session = os.environ.get("TANDEM_KAFKA_SESSION_TIMEOUT_MS")
     if url.startswith("kafka://"):
-        from streams.kafka_transport import KafkaTransport
-
         if session:
             client_config.setdefault("session_timeout_ms", int(session))
             client_config.setdefault("heartbeat_interval_ms", max(100, int(session) // 5))
-        return KafkaTransport(url[len("kafka://") :].rstrip("/"), client_id=client_config.pop("client_id", "tandem"), **client_config)
-    try:
-        from streams.transports import open_transport as _open
-    except ImportError:  # older checkouts: the embedded log directly
-        from streams.embedded_log import EmbeddedLog
-
-        path = url.split(":", 1)[1] if url.startswith("embedded:") else url
-        return EmbeddedLog(path[2:] if path.startswith("//") else path)
+        client_config.setdefault("client_id", "tandem")
+        return _open(url, **client_config)
     return _open(url)
