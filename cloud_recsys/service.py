@@ -9,7 +9,6 @@ live then; items never mentioned by availability events are always available
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -18,13 +17,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cloud_recsys.availability import Availability
 from cloud_recsys.candidates import Candidates, quantize_rows
 from cloud_recsys.index import IndexConfig, ItemIndex
-from cloud_recsys.recall import merge_channels
 from cloud_recsys.popularity import Popularity
+from cloud_recsys.recall import merge_channels
 from cloud_recsys.trainer import OnlineTrainer
 from streams.batch import EventBatch
-from streams.schema import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -34,51 +33,6 @@ MAX_K: int = 1000
 
 class UnknownUser(KeyError):
     """A strict request for a user the model has never seen."""
-
-
-class Availability:
-    """Live/offline transitions per item, answerable at any time."""
-
-    def __init__(self, max_transitions: int = 64) -> None:
-        self.max_transitions = max_transitions
-        self._ts: dict[int, list[int]] = {}
-        self._live: dict[int, list[bool]] = {}
-        self._offline_now: set[int] = set()
-        self._lock = threading.Lock()
-
-    def set(self, item_ids: Sequence[int] | np.ndarray, live: bool, ts_ms: int | Sequence[int] | np.ndarray | None = None) -> None:
-        """Record that items went live/offline at ``ts_ms`` (default: now, i.e. after every transition)."""
-        ids = np.asarray(item_ids, dtype=np.int64).ravel()
-        ts = np.broadcast_to(np.asarray(2**62 - 1 if ts_ms is None else ts_ms, dtype=np.int64), ids.shape)
-        with self._lock:
-            for item, t in zip(ids.tolist(), ts.tolist()):
-                tss, lv = self._ts.setdefault(item, []), self._live.setdefault(item, [])
-                pos = bisect.bisect_right(tss, t)
-                tss.insert(pos, t)
-                lv.insert(pos, bool(live))
-                if len(tss) > self.max_transitions:
-                    del tss[0], lv[0]
-                if lv[-1]:
-                    self._offline_now.discard(item)
-                else:
-                    self._offline_now.add(item)
-
-    def offline(self, at_ms: int | None = None) -> np.ndarray:
-        """Ids not available at ``at_ms`` (None: the latest state)."""
-        with self._lock:
-            if at_ms is None:
-                return np.fromiter(self._offline_now, dtype=np.int64, count=len(self._offline_now))
-            out = []
-            for item, tss in self._ts.items():
-                pos = bisect.bisect_right(tss, at_ms)
-                lv = self._live[item]
-                live = (not lv[0]) if pos == 0 else lv[pos - 1]  # before the first transition: its opposite
-                if not live:
-                    out.append(item)
-            return np.asarray(out, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._ts)
 
 
 class CandidateService:
@@ -141,13 +95,7 @@ class CandidateService:
 
     def apply_availability(self, batch: EventBatch) -> int:
         """Apply STREAM_LIVE/STREAM_OFFLINE rows of ``batch`` at their timestamps; returns rows applied."""
-        n = 0
-        for kind, live in ((EventKind.STREAM_LIVE, True), (EventKind.STREAM_OFFLINE, False)):
-            m = batch.kind == int(kind)
-            if m.any():
-                self.availability.set(batch.item_id[m], live, batch.ts_ms[m])
-                n += int(m.sum())
-        return n
+        return self.availability.apply(batch)
 
     # -- requests ----------------------------------------------------------------------
     @staticmethod

@@ -82,20 +82,12 @@ class TwoTowerGlue:
         self.trainer.version = int(serving["model_version"]) - 1
         self.service.refresh()  # rebuild the index from the restored towers (same version as saved)
 
-    # Availability has no state_dict yet; its per-item transition lists are saved as-is.
-    def _availability_state(self) -> dict[str, Any] | None:
-        a = self.service.availability
-        if not (hasattr(a, "_ts") and hasattr(a, "_live")):
-            return None
-        with a._lock:
-            return {str(i): [list(map(int, a._ts[i])), [bool(x) for x in a._live[i]]] for i in a._ts}
+    def _availability_state(self) -> dict[str, Any]:
+        return self.service.availability.state_dict()
 
     def _load_availability(self, state: dict[str, Any] | None) -> None:
-        if not state:
-            return
-        for item, (tss, lives) in state.items():
-            for t, live in zip(tss, lives):
-                self.service.availability.set([int(item)], bool(live), int(t))
+        if state:
+            self.service.availability.load_state_dict(state)
 
     def http_app(self) -> Any:
         from cloud_recsys.http import create_app

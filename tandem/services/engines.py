@@ -11,7 +11,6 @@ Device updates are verified by ``device_rerank`` (HMAC envelopes) in both engine
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import threading
@@ -23,9 +22,10 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 
 from cloud_recsys.candidates import Candidates, quantize_rows
+from cloud_recsys.availability import Availability
 from cloud_recsys.http import candidates_from_json, candidates_to_json
 from streams.batch import EventBatch
-from streams.schema import POSITIVE_KINDS, EventKind
+from streams.schema import POSITIVE_KINDS
 from tandem.services.settings import CloudSettings
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,7 @@ class PopularityEngine:
         self.decay = 0.5 ** (1.0 / half_life_events)
         self.version = 0
         self.counts: dict[int, float] = {}
-        self.offline: set[int] = set()
-        self.transitions: dict[int, list[tuple[int, bool]]] = {}
-        self.max_transitions = 32
+        self.availability = Availability(max_transitions=32)
         self.updates_seen = 0
         self._weight = 1.0  # global multiplier instead of decaying every count
         self._served: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.float32))
@@ -88,35 +86,7 @@ class PopularityEngine:
     def apply_availability(self, batch: EventBatch) -> None:
         """Record live/offline transitions (kept per item, so queries at a past time are right
         even when availability is consumed ahead of the interactions)."""
-        with self._lock:
-            for item, ts, kind in zip(batch.item_id.tolist(), batch.ts_ms.tolist(), batch.kind.tolist()):
-                if kind not in (EventKind.STREAM_OFFLINE, EventKind.STREAM_LIVE):
-                    continue
-                live = kind == EventKind.STREAM_LIVE
-                hist = self.transitions.setdefault(item, [])
-                hist.append((int(ts), live))
-                if len(hist) > 1 and hist[-2][0] > ts:
-                    hist.sort()
-                del hist[: max(0, len(hist) - self.max_transitions)]
-                if live:
-                    self.offline.discard(item)
-                else:
-                    self.offline.add(item)
-
-    def _live_mask(self, items: np.ndarray, at_ms: int) -> np.ndarray:
-        """Which ``items`` are available at ``at_ms`` (latest state when ``at_ms`` <= 0)."""
-        if not self.transitions:
-            return np.ones(len(items), dtype=bool)
-        if at_ms <= 0:
-            return ~np.isin(items, np.fromiter(self.offline, dtype=np.int64, count=len(self.offline)))
-        out = np.ones(len(items), dtype=bool)
-        for row, item in enumerate(items.tolist()):
-            hist = self.transitions.get(item)
-            if not hist:
-                continue  # never seen a transition: always available (feeds)
-            i = bisect.bisect_right(hist, (at_ms, True))
-            out[row] = hist[i - 1][1] if i > 0 else not hist[0][1]
-        return out
+        self.availability.apply(batch)
 
     def apply_updates(self, updates: list[Any]) -> None:
         with self._lock:
@@ -133,8 +103,7 @@ class PopularityEngine:
 
     def _available(self, k: int, at_ms: int) -> tuple[np.ndarray, np.ndarray]:
         items, scores = self._served
-        with self._lock:
-            keep = self._live_mask(items, at_ms)
+        keep = self.availability.live_mask(items, at_ms if at_ms > 0 else None)
         return items[keep][:k], scores[keep][:k]
 
     def topk(self, user_id: int, k: int, at_ms: int) -> np.ndarray:
@@ -155,8 +124,7 @@ class PopularityEngine:
                 "version": self.version,
                 "weight": self._weight,
                 "counts": [[k, v] for k, v in self.counts.items()],
-                "offline": sorted(self.offline),
-                "transitions": [[i, [[t, int(v)] for t, v in h]] for i, h in self.transitions.items()],
+                "availability": self.availability.state_dict(),
                 "updates_seen": self.updates_seen,
             }
         (path / "popularity.json").write_text(json.dumps(state))
@@ -166,8 +134,7 @@ class PopularityEngine:
         with self._lock:
             self.counts = {int(k): float(v) for k, v in state["counts"]}
             self._weight = float(state["weight"])
-            self.offline = set(state["offline"])
-            self.transitions = {int(i): [(int(t), bool(v)) for t, v in h] for i, h in state.get("transitions", [])}
+            self.availability.load_state_dict(state.get("availability", {}))
             self.updates_seen = int(state["updates_seen"])
         self.refresh()
         self.version = int(state["version"])
