@@ -134,7 +134,10 @@ class PopularityEngine:
         with self._lock:
             self.counts = {int(k): float(v) for k, v in state["counts"]}
             self._weight = float(state["weight"])
-            self.availability.load_state_dict(state.get("availability", {}))
+            avail = state.get("availability")
+            if avail is None:  # checkpoints written before the shared Availability: [[item, [[ts, live], ...]], ...]
+                avail = {str(i): [[int(t) for t, _ in h], [bool(v) for _, v in h]] for i, h in state.get("transitions", [])}
+            self.availability.load_state_dict(avail)
             self.updates_seen = int(state["updates_seen"])
         self.refresh()
         self.version = int(state["version"])
