@@ -56,6 +56,11 @@ _dlq_encoder = msgspec.json.Encoder()
 _dlq_decoder = msgspec.json.Decoder(DeadLetterRecord)
 
 
+def encode_dead_letter(letter: DeadLetterRecord) -> bytes:
+    """The JSON bytes of a dead letter (the one wire format of every ``<topic>.dlq``)."""
+    return _dlq_encoder.encode(letter)
+
+
 def decode_dead_letter(data: bytes) -> DeadLetterRecord:
     """Parse a dead-letter record (for tools and tests)."""
     try:
@@ -91,7 +96,7 @@ class DeadLetter:
             reason=reason, topic=topic, partition=int(partition), offset=int(offset),
             row=None if row is None else int(row), payload_b64=base64.b64encode(payload).decode(),
         )
-        self.transport.produce(dlq, _dlq_encoder.encode(letter), key=None, partition=int(partition) % self.partitions)
+        self.transport.produce(dlq, encode_dead_letter(letter), key=None, partition=int(partition) % self.partitions)
         self.count += 1
         log.debug("dead letter %s[%d]@%d row=%s: %s", topic, partition, offset, row, reason)
 

@@ -8,7 +8,6 @@ The popularity engine keeps the model cheap, so the time goes to the faults them
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 
 from streams.batch import EventBatch, decode_record, encode_batch
+from streams.delivery import DeadLetterRecord, decode_dead_letter
 from streams.kafka_transport import KafkaTransport
 from streams.schema import EventKind
 from tandem.services.cloud_service import CloudWorker
@@ -120,8 +120,8 @@ def committed(t: KafkaTransport, topic: str, group: str) -> dict[int, int]:
         cons.close()
 
 
-def dead_letters(t: KafkaTransport, topic: str) -> list[dict[str, Any]]:
-    return [json.loads(v) for v in read_all(t, dlq_topic(topic))]
+def dead_letters(t: KafkaTransport, topic: str) -> list[DeadLetterRecord]:
+    return [decode_dead_letter(v) for v in read_all(t, dlq_topic(topic))]
 
 
 def wait_for(cond, timeout_s: float, what: str, every: float = 0.2) -> Any:
@@ -275,9 +275,9 @@ def test_cloud_killed_mid_stream_and_restarted(broker_process, tmp_path: Path) -
         code = cloud2.stop() if "cloud2" in locals() else cloud.stop()
     assert code == 0
     letters = dead_letters(t, TOPIC_INTERACTIONS)
-    keys = [(d["partition"], d["offset"], d.get("row", -1)) for d in letters]
+    keys = [(d.partition, d.offset, d.row) for d in letters]
     assert len(letters) == n_bad and len(set(keys)) == n_bad, letters
-    assert sorted(d["reason"].split(":")[0] for d in letters) == ["corrupt lz4 body", "dwell out of range", "malformed"]
+    assert sorted(d.reason.split(":")[0] for d in letters) == ["corrupt lz4 body", "dwell out of range", "malformed"]
     t.close()
 
 
@@ -312,10 +312,10 @@ def test_malformed_forged_and_oversized_updates(broker_process, tmp_path: Path) 
     wait_for(lambda: w.step(timeout_s=0.3) == 0 and w.state.updates_applied == len(good), 30, "updates applied", every=0)
     assert w.metrics.counter("updates_duplicate") == 3
     w.close()
-    reasons = sorted(d["reason"].split(":")[0] for d in dead_letters(t, TOPIC_UPDATES))
+    reasons = sorted(d.reason.split(":")[0] for d in dead_letters(t, TOPIC_UPDATES))
     assert reasons == ["bad_signature", "malformed", "malformed", "oversized", "replayed"]
     ev = dead_letters(t, TOPIC_INTERACTIONS)
-    assert len(ev) == 1 and ev[0]["reason"].startswith("out of schema")
+    assert len(ev) == 1 and ev[0].reason.startswith("out of schema")
     # restart from the checkpoint: nothing is applied or dead-lettered again
     w2 = CloudWorker(s, transport(broker_process.bootstrap), PopularityEngine(s), Registry("cloud")).open()
     for p in range(PARTS):  # even a full re-read of the topic changes nothing

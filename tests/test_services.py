@@ -5,7 +5,6 @@ The broker-backed fault tests are in tests/test_faults.py.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -15,6 +14,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from streams.batch import EventBatch, encode_batch
+from streams.delivery import DeadLetterRecord, decode_dead_letter
 from streams.schema import EventKind
 from streams.transport import Consumer, Record, Transport, TransportError, partition_for
 from tandem.services.cloud_service import CloudWorker, DeliveryState, IdSet
@@ -155,8 +155,8 @@ def drain(w: CloudWorker, max_steps: int = 2000) -> None:
     raise AssertionError("worker did not drain")
 
 
-def dlq(t: MemoryTransport, topic: str) -> list[dict]:
-    return [json.loads(v) for v in t.values(dlq_topic(topic))]
+def dlq(t: MemoryTransport, topic: str) -> list[DeadLetterRecord]:
+    return [decode_dead_letter(v) for v in t.values(dlq_topic(topic))]
 
 
 # -- settings / metrics ----------------------------------------------------------------
@@ -226,12 +226,12 @@ def test_each_event_applied_once_and_bad_inputs_dead_lettered() -> None:
     assert w.state.event_id_sum == int(log.event_id.sum()) + sum(10_000 + i for i in (0, 1, 3, 4))
     assert w.metrics.counter("events_duplicate") == 150
     letters = dlq(t, TOPIC_INTERACTIONS)
-    assert len(letters) == 2 and {d.get("row", -1) for d in letters} == {-1, 2}
-    assert {d["reason"].split(":")[0] for d in letters} == {"out of schema", "unknown event kind"}
-    row = next(d for d in letters if d.get("row") == 2)
+    assert len(letters) == 2 and {d.row for d in letters} == {None, 2}
+    assert {d.reason.split(":")[0] for d in letters} == {"out of schema", "unknown event kind"}
+    row = next(d for d in letters if d.row == 2)
     from streams.batch import decode_record
 
-    assert decode_record(base64.b64decode(row["payload_b64"])).kind.tolist() == [99]
+    assert decode_record(row.payload).kind.tolist() == [99]
     assert w.engine.version >= 1
     assert t.values("model-refresh"), "refreshes are published"
 
@@ -290,7 +290,7 @@ def test_updates_verified_deduplicated_and_dead_lettered() -> None:
     drain(w)
     assert w.state.updates_applied == 5
     assert w.metrics.counter("updates_duplicate") == 3
-    reasons = sorted(d["reason"].split(":")[0] for d in dlq(t, TOPIC_UPDATES))
+    reasons = sorted(d.reason.split(":")[0] for d in dlq(t, TOPIC_UPDATES))
     assert reasons == ["bad_signature", "oversized", "replayed"]
 
 

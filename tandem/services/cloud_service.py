@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from streams.batch import EventBatch, decode_record, encode_batch
+from streams.delivery import DeadLetterRecord, decode_dead_letter, encode_dead_letter
 from streams.schema import AVAILABILITY_KINDS, POSITIVE_KINDS, SchemaError
 from streams.transport import Consumer, Record, Transport, TransportError
 from tandem.services.metrics import Registry
@@ -72,17 +73,13 @@ class Engine(Protocol):
 
 
 def dead_letter(reason: str, rec: Record, payload: bytes | None = None, row: int | None = None) -> bytes:
-    """A DLQ record (docs/architecture.md): JSON with reason, origin and the payload in base64."""
-    body: dict[str, Any] = {
-        "reason": reason,
-        "topic": rec.topic,
-        "partition": rec.partition,
-        "offset": rec.offset,
-        "payload_b64": base64.b64encode(rec.value if payload is None else payload).decode(),
-    }
-    if row is not None:
-        body["row"] = row
-    return json.dumps(body).encode()
+    """A DLQ record (``streams.delivery.DeadLetterRecord``): reason, origin and the payload in base64."""
+    return encode_dead_letter(
+        DeadLetterRecord(
+            reason=reason, topic=rec.topic, partition=int(rec.partition), offset=int(rec.offset), row=None if row is None else int(row),
+            payload_b64=base64.b64encode(rec.value if payload is None else payload).decode(),
+        )
+    )
 
 
 def dlq_key(rec: Record, row: int | None) -> tuple[str, int, int, int]:
@@ -306,10 +303,10 @@ class CloudWorker:
                             break
                     for r in recs:
                         try:
-                            d = json.loads(r.value)
-                            self._dead.add((d["topic"], int(d["partition"]), int(d["offset"]), int(d.get("row", -1))))
-                        except (ValueError, KeyError):
+                            d = decode_dead_letter(r.value)
+                        except SchemaError:
                             continue
+                        self._dead.add((d.topic, d.partition, d.offset, -1 if d.row is None else d.row))
             finally:
                 cons.close()
         if self._dead:
