@@ -148,7 +148,10 @@ def fit_towers(
         if member == 0:
             ids, counts = member_ids, trainer.item_counts[: len(member_ids)]
         else:  # align rows by raw id (row order follows each member's training order)
-            v = v[pd.Index(member_ids).get_indexer(ids)]
+            rows = pd.Index(member_ids).get_indexer(ids)
+            if (rows < 0).any():
+                raise ValueError(f"ensemble member {member} has no vector for {int((rows < 0).sum())} items of member 0")
+            v = v[rows]
         vs.append(v)
     return ids, np.hstack(qs), np.hstack(vs), counts, fit
 

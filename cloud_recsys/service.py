@@ -156,6 +156,7 @@ class CandidateService:
             for j, pos in enumerate(idx_known.tolist()):
                 keep = (ids[j] >= 0) & ~np.isin(ids[j], seen[j])
                 top, top_s = ids[j][keep][:k], scores[j][keep][:k]
+                vecs = None
                 r = alt_row.get(j)
                 if r is not None:
                     alt = alt_ids[r][(alt_ids[r] >= 0) & ~np.isin(alt_ids[r], seen[j])]
@@ -163,8 +164,8 @@ class CandidateService:
                     vecs, _ = self.index.vectors(top)
                     top_s = (vecs @ q[j]).astype(np.float32)  # the main model's score for every candidate
                     order = np.argsort(-top_s, kind="stable")
-                    top, top_s = top[order], top_s[order]
-                out[pos] = self._pack(int(users[pos]), top, top_s, at_ms, None)
+                    top, top_s, vecs = top[order], top_s[order], vecs[order]
+                out[pos] = self._pack(int(users[pos]), top, top_s, at_ms, None, vecs)
         for pos in range(len(users)):
             if out[pos] is None:
                 pid, psc = self.popularity.top(k, exclude=blocked)
@@ -177,8 +178,12 @@ class CandidateService:
             self.latency_s.append(dt)
         return out  # type: ignore[return-value]
 
-    def _pack(self, user_id: int, ids: np.ndarray, scores: np.ndarray, at_ms: int | None, fallback: str | None) -> Candidates:
-        vecs, _ = self.index.vectors(ids)
+    def _pack(
+        self, user_id: int, ids: np.ndarray, scores: np.ndarray, at_ms: int | None, fallback: str | None, vecs: np.ndarray | None = None
+    ) -> Candidates:
+        """The payload for ``ids``; ``vecs`` are their index vectors when the caller already fetched them."""
+        if vecs is None:
+            vecs, _ = self.index.vectors(ids)
         q, scale = quantize_rows(vecs) if len(ids) else (np.zeros((0, self.index.dim), np.int8), np.zeros(0, np.float32))
         return Candidates(
             user_id=user_id,

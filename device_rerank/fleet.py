@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from cloud_recsys.recall import top_indices
 from device_rerank.config import DeviceConfig
 from device_rerank.device import CandidateSource, Device
 from device_rerank.envelope import Keyring
@@ -85,8 +86,7 @@ class VectorCandidateSource:
             scores = self.item_vectors @ u
             if self.noise:
                 scores = scores + self.rng.normal(0, self.noise, size=len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
+        top = top_indices(scores, k)
         return Candidates(
             user_id=int(user_id),
             item_ids=self.item_ids[top],

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from cloud_recsys.candidates import Candidates, quantize_rows
-from cloud_recsys.recall import merge_channels
+from cloud_recsys.recall import merge_channels, top_indices
 from device_rerank.config import CTX_FEATURES, DeviceConfig, RerankerConfig
 from device_rerank.device import Device
 from device_rerank.encoders import HardExamples
@@ -554,10 +554,10 @@ def _candidates_for(
                         s[sidx] = -np.inf
                 valid = int(np.isfinite(s).sum())
                 kk = min(k, valid)
-                idx = _top(s, kk)
+                idx = top_indices(s, kk)
                 v = interest.get(j)
                 if v is not None and kk > 0 and sc.interest_share > 0:
-                    alt = _top(np.where(np.isfinite(s), sc.item_vecs @ v, -np.inf), kk)
+                    alt = top_indices(np.where(np.isfinite(s), sc.item_vecs @ v, -np.inf), kk)
                     idx = merge_channels(idx, alt, kk, sc.interest_share)
                     idx = idx[np.argsort(-s[idx], kind="stable")]
                 ids = sc.item_ids[idx]
@@ -574,14 +574,6 @@ def _candidates_for(
                 fallback=fb,
             )
     return out  # type: ignore[return-value]
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest scores, best first."""
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    idx = np.argpartition(-scores, k - 1)[:k]
-    return idx[np.argsort(-scores[idx], kind="stable")]
 
 
 # -- the loop ----------------------------------------------------------------------
