@@ -414,7 +414,11 @@ class OnlineTrainer:
                 if v.shape != (self.config.out_dim,) or not np.isfinite(v).all():
                     log.warning("ignoring user vector for %s: shape %s or non-finite values", uid, v.shape)
                     continue
-                self.user_overrides[int(uid)] = v / max(float(np.linalg.norm(v)), 1e-12)
+                norm = float(np.linalg.norm(v))
+                if norm == 0.0:  # no direction: as a recall channel it would rank items arbitrarily
+                    log.warning("ignoring all-zero user vector for %s", uid)
+                    continue
+                self.user_overrides[int(uid)] = v / norm
                 kept += 1
         return kept
 

@@ -161,6 +161,8 @@ def test_user_vectors_apply_at_once_and_twice_is_idempotent(service: CandidateSe
     c = service.candidates(777, k=5)
     assert c.fallback is None and c.item_ids[0] == target
     assert hook.apply_user_vectors({778: np.ones(3)}) == 0  # wrong width is ignored
+    assert hook.apply_user_vectors({779: np.zeros_like(vec)}) == 0  # no direction: ignored
+    assert service.candidates(779, k=5).fallback == "popular"
 
 
 def test_item_deltas_are_additive_not_idempotent(service: CandidateService) -> None:
