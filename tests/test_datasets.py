@@ -14,7 +14,8 @@ from streams.datasets.base import EventLog
 from streams.datasets.generic import ColumnMapping, load_table
 from streams.datasets.movielens import GENRES, load_movielens
 from streams.datasets.twitch import STEP_MS, availability_stats, live_intervals, load_twitch
-from streams.schema import EventKind
+from streams.datasets.yoochoose import load_yoochoose
+from streams.schema import POSITIVE_KINDS, EventKind
 
 
 def _check_canonical(log: EventLog) -> None:
@@ -128,14 +129,52 @@ def test_twitch_subset_order_events_and_availability(tmp_path: Path) -> None:
     assert (ev.kind == int(EventKind.LIVE_ENTER)).all()
     assert log.step_ms == STEP_MS
     assert log.items.set_index("item_id").category.to_dict() == {0: 3, 1: 4}
-    # streamer 0 watched at 10, 14, 30 with w=1: [9,12) and [13,16) do not touch, [29,32)
+    assert log.meta["live_window"] == "past"
+    # past-only (default), streamer 0 watched at 10, 14, 30 with w=1: [10,12), [14,16), [30,32)
     a = log.availability
     got = sorted(zip(a.item_id, a.start_ms // STEP_MS, a.end_ms // STEP_MS))
-    assert got == [(0, 9, 12), (0, 13, 16), (0, 29, 32), (1, 11, 14)]
+    assert got == [(0, 10, 12), (0, 14, 16), (0, 30, 32), (1, 12, 14)]
     assert availability_stats(log)["events_item_live"] == 1.0
-    # wider window merges streamer 0's first two watches
-    a3 = load_twitch(path, live_window_steps=2).availability
-    assert sorted(zip(a3.item_id, a3.start_ms // STEP_MS, a3.end_ms // STEP_MS))[:2] == [(0, 8, 17), (0, 28, 33)]
+    # w=3: [10,14) and [14,18) touch and merge; never earlier than the watch at 10
+    a3 = load_twitch(path, live_window_steps=3).availability
+    assert sorted(zip(a3.item_id, a3.start_ms // STEP_MS, a3.end_ms // STEP_MS)) == [(0, 10, 18), (0, 30, 34), (1, 12, 16)]
+    # the centered window (looks ahead) is still there for comparison: w=1 gives [9,12), [13,16), [29,32)
+    c = load_twitch(path, live_window_steps=1, live_window="centered")
+    got = sorted(zip(c.availability.item_id, c.availability.start_ms // STEP_MS, c.availability.end_ms // STEP_MS))
+    assert got == [(0, 9, 12), (0, 13, 16), (0, 29, 32), (1, 11, 14)]
+    assert availability_stats(c)["events_item_live"] == 1.0 and c.meta["live_window"] == "centered"
+    c2 = load_twitch(path, live_window_steps=2, live_window="centered").availability
+    assert sorted(zip(c2.item_id, c2.start_ms // STEP_MS, c2.end_ms // STEP_MS))[:2] == [(0, 8, 17), (0, 28, 33)]
+
+
+def _assert_past_only(log: EventLog, w: int) -> None:
+    """Live at t <=> someone started watching within the last w steps (brute force over every step)."""
+    ev = log.events
+    starts = ev[ev.kind == int(EventKind.LIVE_ENTER)]
+    first = starts.groupby("item_id").ts_ms.min()
+    a = log.availability
+    assert (a.start_ms.to_numpy() >= first.reindex(a.item_id).to_numpy()).all(), "an item live before its first watch"
+    step_of = {int(i): set((g.ts_ms // STEP_MS).tolist()) for i, g in starts.groupby("item_id")}
+    t_max = int(ev.ts_ms.max() // STEP_MS) + w + 2
+    for t in range(t_max):
+        live = set(log.live_at(t * STEP_MS).tolist())
+        expected = {i for i, steps in step_of.items() if any(t - w <= s <= t for s in steps)}
+        assert live == expected, t
+
+
+@pytest.mark.parametrize("w", [0, 1, 3])
+def test_twitch_past_window_never_looks_ahead(tmp_path: Path, w: int) -> None:
+    rng = np.random.default_rng(w)
+    n = 60
+    rows = [f"{r},{rng.integers(5)},{rng.integers(6)},{rng.integers(40)},0" for r in range(n)]
+    path = _write(tmp_path / "tw.csv", ",user_id,streamer_name,start_time,community\n" + "\n".join(rows) + "\n")
+    log = load_twitch(path, live_window_steps=w)
+    _assert_past_only(log, w)
+    assert availability_stats(log)["events_item_live"] == 1.0
+    if w:  # the centered window does look ahead: some streamer is live before its first watch
+        c = load_twitch(path, live_window_steps=w, live_window="centered")
+        first = c.events.groupby("item_id").ts_ms.min()
+        assert (c.availability.start_ms.to_numpy() < first.reindex(c.availability.item_id).to_numpy()).any()
 
 
 def test_live_intervals_merges_touching_and_nested() -> None:
@@ -161,6 +200,9 @@ def test_twitch_100k_layout_with_stops_and_names(tmp_path: Path) -> None:
     a = log.availability
     assert sorted(zip(a.item_id, a.start_ms // STEP_MS, a.end_ms // STEP_MS)) == [(0, 5, 9), (1, 8, 10)]
     assert availability_stats(log)["events_item_live"] == 1.0
+    # with stops, past-only w=1 runs from the start to one step after the stop
+    a1 = load_twitch(path, live_window_steps=1).availability
+    assert sorted(zip(a1.item_id, a1.start_ms // STEP_MS, a1.end_ms // STEP_MS)) == [(0, 5, 10), (1, 8, 11)]
 
 
 def test_twitch_bad_files(tmp_path: Path) -> None:
@@ -175,6 +217,60 @@ def test_twitch_bad_files(tmp_path: Path) -> None:
         load_twitch(_write(tmp_path / "f.csv", "1,2,3\n"))
     with pytest.raises(ValueError, match="live_window_steps"):
         load_twitch(tmp_path / "m.csv", live_window_steps=-1)
+    with pytest.raises(ValueError, match="live_window must be one of"):
+        load_twitch(tmp_path / "m.csv", live_window="future")  # type: ignore[arg-type]
+
+
+# -- YOOCHOOSE --------------------------------------------------------------------------------------
+
+YOOCHOOSE_TRAIN = """SessionId\tItemId\tTime
+3\t214716935\t1396437466.94
+3\t214832672\t1396438212.318
+5\t214716935\t1396413533.104
+5\t643078800\t1396413545.8
+"""
+YOOCHOOSE_TEST = "SessionId\tItemId\tTime\n9\t214536502\t1396860669.277\n"
+
+
+def test_yoochoose_file_sessions_items_and_ms(tmp_path: Path) -> None:
+    path = _write(tmp_path / "clicks_train_full.txt", YOOCHOOSE_TRAIN)
+    log = load_yoochoose(path)
+    _check_canonical(log)
+    ev = log.events
+    assert ev.ts_ms.tolist() == [1396413533104, 1396413545800, 1396437466940, 1396438212318]
+    assert ev.user_id.tolist() == [5, 5, 3, 3]
+    assert ev.item_id.tolist() == [214716935, 643078800, 214716935, 214832672]
+    assert (ev.kind == int(EventKind.CLICK)).all() and EventKind.CLICK in POSITIVE_KINDS
+    assert log.n_users == 2 and log.n_items == 3 and log.availability is None
+    assert log.items.item_id.tolist() == [214716935, 214832672, 643078800]
+    assert detect_format(path) == "yoochoose"
+    assert load_source(path).name == "yoochoose"
+
+
+def test_yoochoose_folder_reads_train_full_and_test(tmp_path: Path) -> None:
+    folder = tmp_path / "yc"
+    _write(folder / "clicks_test.txt", YOOCHOOSE_TEST)
+    _write(folder / "clicks_train_full.txt", YOOCHOOSE_TRAIN)
+    _write(folder / "clicks_train_tr.txt", YOOCHOOSE_TRAIN)  # a split of train_full: not read twice
+    _write(folder / "SOURCE.txt", "where it came from\n")
+    assert detect_format(folder) == "yoochoose"
+    log = load_source(folder)
+    _check_canonical(log)
+    assert len(log) == 5 and log.events.user_id.tolist()[-1] == 9  # the test day comes last
+    assert log.meta["files"] == ["clicks_train_full.txt", "clicks_test.txt"]
+    assert load_source("yoochoose", path=folder).n_users == 3
+
+
+def test_yoochoose_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"bad.txt: line 3, column Time: 'soon'"):
+        load_yoochoose(_write(tmp_path / "bad.txt", "SessionId\tItemId\tTime\n1\t2\t3.5\n1\t2\tsoon\n"))
+    with pytest.raises(ValueError, match="line 2, column ItemId"):
+        load_yoochoose(_write(tmp_path / "neg.txt", "SessionId\tItemId\tTime\n1\t-2\t3.5\n"))
+    with pytest.raises(ValueError, match="not the tab-separated header"):
+        load_yoochoose(_write(tmp_path / "h.txt", "SessionId,ItemId,Time\n1,2,3\n"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="_train_full.txt"):
+        load_yoochoose(tmp_path / "empty")
 
 
 # -- generic tables -------------------------------------------------------------------------------
@@ -298,3 +394,22 @@ def test_shared_twitch(shared_data: Path) -> None:
     assert 10 < stats["mean_live_per_step"] < 500
     assert log.events.ts_ms.max() == 6147 * STEP_MS
     assert (log.availability.start_ms >= 0).all()
+    assert log.meta["live_window"] == "past"
+    enter = log.events[log.events.kind == int(EventKind.LIVE_ENTER)]
+    first = enter.groupby("item_id").ts_ms.min().reindex(log.availability.item_id).to_numpy()
+    assert (log.availability.start_ms.to_numpy() >= first).all()  # no streamer live before anyone watched it
+
+
+@pytest.mark.shared_data
+def test_shared_yoochoose(shared_data: Path) -> None:
+    folder = shared_data / "yoochoose-clicks-100k"
+    assert detect_format(folder) == "yoochoose"
+    log = load_source("yoochoose", path=folder)
+    _check_canonical(log)
+    assert len(log) == 83_846
+    assert log.n_users == 21_210
+    assert log.meta["rows_per_file"] == {"yoochoose-clicks-100k_train_full.txt": 70_278, "yoochoose-clicks-100k_test.txt": 13_568}
+    assert (log.events.kind == int(EventKind.CLICK)).all()
+    assert log.events.item_id.min() > 2 * 10**8
+    test = load_source(folder / "yoochoose-clicks-100k_test.txt")
+    assert len(test) == 13_568 and test.events.ts_ms.min() >= log.events.ts_ms.iloc[70_278 - 1]

@@ -1,7 +1,7 @@
 """Loaders: every source becomes the same time-sorted ``EventLog`` (streams/datasets/base.py).
 
 ``load_source`` is what commands call, so a user can name a source
-("synthetic", "movielens", "twitch") or point at a file or folder.
+("synthetic", "movielens", "twitch", "yoochoose") or point at a file or folder.
 """
 
 from __future__ import annotations
@@ -20,18 +20,23 @@ SHARED_DATA: Final[Path] = Path(__file__).resolve().parents[2].parent / "shared"
 SHARED_FOLDERS: Final[dict[str, str]] = {
     "movielens": "movielens-latest-small",
     "twitch": "twitch-livestream-2000u",
+    "yoochoose": "yoochoose-clicks-100k",
 }
-SOURCES: Final[tuple[str, ...]] = ("synthetic", "movielens", "twitch")
+SOURCES: Final[tuple[str, ...]] = ("synthetic", "movielens", "twitch", "yoochoose")
 
 __all__ = ["EventLog", "finalize_events", "load_source", "detect_format", "SOURCES", "SHARED_DATA"]
 
 
 def detect_format(path: Path) -> str:
-    """Which loader reads ``path``: "movielens", "twitch" or "table" (generic CSV/Parquet)."""
+    """Which loader reads ``path``: "movielens", "twitch", "yoochoose" or "table" (generic CSV/Parquet)."""
+    from streams.datasets.yoochoose import has_header as _yoochoose_header
+
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
         if names & {"ratings.csv", "ratings.dat", "u.data"}:
             return "movielens"
+        if any(_yoochoose_header(p) for p in path.iterdir()):
+            return "yoochoose"
         csvs = [p for p in path.iterdir() if p.suffix == ".csv"]
         if len(csvs) == 1:
             return detect_format(csvs[0])
@@ -43,6 +48,8 @@ def detect_format(path: Path) -> str:
         return "movielens"
     if path.suffix.lower() in (".parquet", ".pq"):
         return "table"
+    if _yoochoose_header(path):  # tab-separated SessionId, ItemId, Time (session-rec's prepared files)
+        return "yoochoose"
     with open(path, "rb") as fh:
         first = fh.readline().decode("utf-8", errors="replace").strip().lower()
     if "streamer" in first or "start_time" in first:
@@ -82,7 +89,8 @@ def load_source(source: str | Path, **opts: Any) -> EventLog:
     Args:
         source: ``"synthetic"`` (opts: ``events``, ``seed``, ``users``, ``items`` or any
             ``SyntheticConfig`` field), ``"movielens"`` / ``"twitch"`` (opts: ``path`` to override
-            ../shared/data; twitch also ``live_window_steps``), or a path to a file/folder whose
+            ../shared/data; twitch also ``live_window_steps`` and ``live_window``), ``"yoochoose"``
+            (opts: ``path``), or a path to a file/folder whose
             format is detected (a generic table takes ``mapping=ColumnMapping(...)``).
     """
     name = str(source)
@@ -102,6 +110,10 @@ def load_source(source: str | Path, **opts: Any) -> EventLog:
         from streams.datasets.twitch import load_twitch
 
         return load_twitch(_shared(name, opts.pop("path", None)), **opts)
+    if name == "yoochoose":
+        from streams.datasets.yoochoose import load_yoochoose
+
+        return load_yoochoose(_shared(name, opts.pop("path", None)), **opts)
     path = Path(name).expanduser()
     if not path.exists():
         raise ValueError(f"unknown source {name!r}: not one of {list(SOURCES)} and no such file or folder")
@@ -115,6 +127,10 @@ def load_source(source: str | Path, **opts: Any) -> EventLog:
         from streams.datasets.twitch import load_twitch
 
         return load_twitch(path, **opts)
+    if fmt == "yoochoose":
+        from streams.datasets.yoochoose import load_yoochoose
+
+        return load_yoochoose(path, **opts)
     from streams.datasets.generic import load_table
 
     return load_table(path, **opts)

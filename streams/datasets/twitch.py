@@ -14,17 +14,29 @@ sorted by (step, original row index).
 Availability estimator: the log does not say when a streamer was live, only when
 someone started watching (and, in the 100k layout, stopped). A watch session
 spanning steps ``[start, end]`` (``end = stop`` when known, else ``start``) says
-the streamer was live then; we widen it by ``live_window_steps`` on each side,
-``[start - w, end + w + 1)``, and merge overlapping windows per streamer into live
-intervals. Every event therefore has its own streamer live at its time, and a
-streamer watched at steps 10 and 14 with ``w = 2`` is one continuous stream.
+the streamer was live then. ``w = live_window_steps`` says how long a stream is
+assumed to stay up after the last viewer seen; ``live_window`` says where the
+window lies:
+
+* ``"past"`` (default): ``[start, end + w + 1)``. A streamer is live at step ``t``
+  when someone started watching it within the last ``w`` steps (or is still
+  watching, when stops are known); never before the first watch start seen, so a
+  replay that asks "who is live now" learns nothing about the future.
+* ``"centered"``: ``[start - w, end + w + 1)``, widened on both sides. It also
+  calls a streamer live up to ``w`` steps *before* anyone watches it, i.e. it looks
+  ahead; kept only to compare with the past-only estimate.
+
+Overlapping windows of a streamer are merged into live intervals. Either way the
+window starts at or before the watch start (inclusive), so every event has its
+own streamer live at its time; a streamer watched at steps 10 and 14 with
+``w = 3`` is one continuous stream ``[10, 18)`` in the past-only estimate.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -35,8 +47,12 @@ from streams.schema import MAX_DWELL_S, EventKind
 log = logging.getLogger(__name__)
 
 STEP_MS: Final[int] = 600_000
-#: Half-width of the live window around each watch, in 10-minute steps (see module docstring).
+#: Where the live window lies around a watch: after it only, or on both sides (looks ahead).
+LiveWindow = Literal["past", "centered"]
+LIVE_WINDOWS: Final[tuple[str, ...]] = get_args(LiveWindow)
+#: Steps (10 minutes each) a stream stays live after a watch (and before it, when centered).
 DEFAULT_LIVE_WINDOW_STEPS: Final[int] = 3
+DEFAULT_LIVE_WINDOW: Final[LiveWindow] = "past"
 LICENCE: Final[str] = (
     "Twitch 100k dataset, Rappaz, McAuley and Aberer, 'Recommendation on Live-Streaming Platforms: "
     "Dynamic Availability and Repeat Consumption', RecSys 2021: research use with citation; "
@@ -121,19 +137,25 @@ def _read(path: Path) -> tuple[pd.DataFrame, str]:
     return out, layout
 
 
-def live_intervals(item: np.ndarray, start: np.ndarray, end: np.ndarray, window: int) -> pd.DataFrame:
-    """Merge per-session windows ``[start - w, end + w + 1)`` (steps) into per-item live intervals (steps).
+def live_intervals(
+    item: np.ndarray, start: np.ndarray, end: np.ndarray, window: int, mode: LiveWindow = DEFAULT_LIVE_WINDOW
+) -> pd.DataFrame:
+    """Merge per-session windows into per-item live intervals (steps).
 
     Args:
         item: streamer per session. start, end: first and last step of the session (inclusive).
-        window: half-width ``w`` in steps.
+        window: ``w`` in steps: how long a stream stays live after ``end``.
+        mode: ``"past"``: ``[start, end + w + 1)``; ``"centered"``: ``[start - w, end + w + 1)``
+            (live ``w`` steps before anyone watched: looks ahead). Same result when ``w = 0``.
 
     Returns:
         ``item_id, start_step, end_step`` (end exclusive), sorted by item then start, non-overlapping.
     """
+    if mode not in LIVE_WINDOWS:
+        raise ValueError(f"live window mode must be one of {list(LIVE_WINDOWS)}, got {mode!r}")
     if len(item) == 0:
         return pd.DataFrame({"item_id": np.empty(0, np.int64), "start_step": np.empty(0, np.int64), "end_step": np.empty(0, np.int64)})
-    lo = np.asarray(start, dtype=np.int64) - window
+    lo = np.asarray(start, dtype=np.int64) - (window if mode == "centered" else 0)
     hi = np.asarray(end, dtype=np.int64) + window + 1
     item = np.asarray(item, dtype=np.int64)
     order = np.lexsort((lo, item))
@@ -170,13 +192,18 @@ def availability_stats(log_: EventLog) -> dict[str, float]:
     }
 
 
-def load_twitch(path: str | Path, live_window_steps: int = DEFAULT_LIVE_WINDOW_STEPS) -> EventLog:
+def load_twitch(
+    path: str | Path, live_window_steps: int = DEFAULT_LIVE_WINDOW_STEPS, live_window: LiveWindow = DEFAULT_LIVE_WINDOW
+) -> EventLog:
     """Load a Twitch livestream log as a time-sorted ``EventLog``.
 
     Args:
         path: the CSV file (or a folder holding exactly one ``*.csv``).
-        live_window_steps: half-width ``w`` of the live window around each watch (10-minute steps);
-            see the module docstring for the estimator.
+        live_window_steps: ``w``, how many 10-minute steps a streamer stays live after a watch
+            (start, or stop when known); see the module docstring for the estimator.
+        live_window: ``"past"`` (default): live from each watch start to ``w`` steps after, from past
+            events only; ``"centered"``: also ``w`` steps before each watch start (looks ahead, for
+            comparison with earlier runs).
 
     Returns:
         LIVE_ENTER events at the start step (and LIVE_LEAVE at the stop step with the dwell in seconds
@@ -185,6 +212,8 @@ def load_twitch(path: str | Path, live_window_steps: int = DEFAULT_LIVE_WINDOW_S
     """
     if live_window_steps < 0:
         raise ValueError(f"live_window_steps must be >= 0, got {live_window_steps}")
+    if live_window not in LIVE_WINDOWS:
+        raise ValueError(f"live_window must be one of {list(LIVE_WINDOWS)}, got {live_window!r}")
     p = Path(path)
     if p.is_dir():
         csvs = sorted(p.glob("*.csv"))
@@ -231,7 +260,7 @@ def load_twitch(path: str | Path, live_window_steps: int = DEFAULT_LIVE_WINDOW_S
     events = finalize_events(frame.drop(columns=["_order", "row"]).reset_index(drop=True))
 
     end_step = raw.stop.to_numpy() if has_stop else raw.start.to_numpy()
-    steps = live_intervals(raw.streamer.to_numpy(), raw.start.to_numpy(), end_step, live_window_steps)
+    steps = live_intervals(raw.streamer.to_numpy(), raw.start.to_numpy(), end_step, live_window_steps, live_window)
     availability = pd.DataFrame(
         {
             "item_id": steps.item_id.to_numpy(),
@@ -260,9 +289,11 @@ def load_twitch(path: str | Path, live_window_steps: int = DEFAULT_LIVE_WINDOW_S
             "layout": layout,
             "licence": LICENCE,
             "live_window_steps": live_window_steps,
+            "live_window": live_window,
             "availability_estimator": (
-                f"per watch session [start - {live_window_steps}, end + {live_window_steps} + 1) steps, "
-                "end = stop when known else start; overlapping windows merged per streamer"
+                f"per watch session [start{f' - {live_window_steps}' if live_window == 'centered' else ''}, "
+                f"end + {live_window_steps} + 1) steps ({live_window}), end = stop when known else start; "
+                "overlapping windows merged per streamer"
             ),
         },
     )
