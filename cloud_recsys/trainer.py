@@ -15,13 +15,14 @@ import logging
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cloud_recsys.config import TwoTowerConfig
-from cloud_recsys.features import UserHistory, build_kjt
+from cloud_recsys.features import ALL_KEYS, UserHistory, build_kjt
 from cloud_recsys.ids import IdMap
 from cloud_recsys.popularity import Popularity
 from cloud_recsys.two_tower import TwoTower, in_batch_logits, sampled_softmax_loss
@@ -364,6 +365,46 @@ class OnlineTrainer:
                     vec = self.user_overrides.get(int(user_ids[j]))
                     if vec is not None:
                         out[j] = vec
+        return out
+
+    def query_vectors(self, user_ids: np.ndarray, recent_items: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, out_dim) unit query vectors from request-time histories (the device's session).
+
+        Args:
+            user_ids: raw user ids; a user the model has never seen contributes no id
+                embedding, so a cold user's query comes from the session alone.
+            recent_items: per user, the raw item ids the device sent (oldest first); only
+                the last ``history_len`` known items are pooled.
+        Rows with neither a known user nor a known item are zeros.
+        """
+        user_ids = np.asarray(user_ids, dtype=np.int64).ravel()
+        n = len(user_ids)
+        out = np.zeros((n, self.config.out_dim), dtype=np.float32)
+        if n == 0:
+            return out
+        L = self.config.history_len
+        with self.lock:
+            urows = self.users.lookup(user_ids)
+            hv: list[np.ndarray] = []
+            hl = np.zeros(n, dtype=np.int64)
+            for j, items in enumerate(recent_items):
+                rows = self.items.lookup(np.asarray(items, dtype=np.int64))
+                rows = rows[rows >= 0][-L:]
+                hv.append(rows)
+                hl[j] = len(rows)
+            ok = (urows >= 0) | (hl > 0)
+            if not ok.any():
+                return out
+            sel = np.flatnonzero(ok)
+            ul = (urows[sel] >= 0).astype(np.int64)
+            values = np.concatenate([urows[sel][ul > 0]] + [hv[j] for j in sel.tolist()] + [np.empty(0, np.int64)] * 2)
+            lengths = np.concatenate([ul, hl[sel], np.zeros(len(sel), np.int64), np.zeros(len(sel), np.int64)])
+            kjt = KeyedJaggedTensor.from_lengths_sync(
+                keys=list(ALL_KEYS), values=torch.from_numpy(values.astype(np.int64)), lengths=torch.from_numpy(lengths)
+            )
+            self.model.eval()
+            with torch.no_grad():
+                out[sel] = self.model.user_tower(kjt).numpy()
         return out
 
     def interest_vectors(self, user_ids: np.ndarray) -> dict[int, np.ndarray]:

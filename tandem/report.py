@@ -161,7 +161,8 @@ def render_markdown(result: EvaluationResult, plot_names: list[str]) -> str:
         f"{result.n_items:,} items, {result.device_days:,} active device-days; wall {result.wall_s:.0f} s.",
         "",
         f"Protocol: prequential test-then-train; cloud mini-batch {c.get('batch_size')} events, refresh + aggregation "
-        f"every {c.get('refresh_every')} events, fetch at session start and every {int(c.get('fetch_every_ms', 0)) // 60000} min, "
+        f"every {c.get('refresh_every')} events, fetch at session start, every {int(c.get('fetch_every_ms', 0)) // 60000} min and after every "
+        f"{c.get('refetch_every')} engagement(s), each carrying the device's recent items; "
         f"k={c.get('k')} candidates, repeat domain={c.get('repeat_domain')}, cloud model={c.get('cloud')}. "
         "95% intervals: bootstrap over users; 'vs' = paired relative difference to the reference.",
         "",

@@ -18,7 +18,8 @@ def world():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def result(world):  # type: ignore[no-untyped-def]
-    cfg = EvalConfig(refresh_every=1000, batch_size=200, n_boot=200, seed=0)
+    # fetches at session start and every 30 min only: between fetches the device's context is all that is fresh
+    cfg = EvalConfig(refresh_every=1000, batch_size=200, n_boot=200, seed=0, refetch_every=0)
     return run_prequential(world, make_strategies("cloud-only,device-rerank,feature,federated"), cfg)
 
 
@@ -28,7 +29,7 @@ def test_same_prediction_points_for_every_strategy(result) -> None:  # type: ign
     for p in pts[1:]:
         assert np.array_equal(p.user, pts[0].user) and np.array_equal(p.ts_ms, pts[0].ts_ms)
     labels = result.labels()
-    assert {"cloud-only", "device-rerank", "feature", "federated", "popularity", "repeat-last-live"} <= set(labels)
+    assert {"cloud-only", "device-rerank", "feature", "federated", "popularity", "trending", "item-to-item", "repeat-last", "rep"} <= set(labels)
 
 
 def test_collaboration_recovers_the_taste_shift(world, result) -> None:  # type: ignore[no-untyped-def]
@@ -84,30 +85,48 @@ def test_no_future_leakage(world) -> None:  # type: ignore[no-untyped-def]
         assert not np.array_equal(pa.rank[pa.ts_ms >= t_cut][:50], pb.rank[pb.ts_ms >= t_cut][:50])  # the tail does change later ones
 
 
-def test_torchrec_cloud_drives_the_loop() -> None:
-    """The real TorchRec OnlineTrainer, through the adapter, serves every fetch of a tiny world."""
-    from tandem.evaluation.clouds import TorchRecCloud, make_cloud_factory
+def test_the_loop_drives_the_production_cloud() -> None:
+    """The loop's cloud is cloud_recsys' recommender (TorchRec two-tower inside), trained and refreshed."""
+    from cloud_recsys.recommender import CloudRecommender
 
     world = generate(SyntheticConfig(events=1200, users=20, items=40, days=1.0, seed=2))
-    made: list[TorchRecCloud] = []
+    made: list[CloudRecommender] = []
 
-    def factory(log, cfg):  # type: ignore[no-untyped-def]
-        c = make_cloud_factory("torchrec")(log, cfg)
-        made.append(c)  # type: ignore[arg-type]
+    def factory(log, cfg, exclude, allowed_at):  # type: ignore[no-untyped-def]
+        from tandem.evaluation.clouds import recommender_for
+
+        c = recommender_for(log, cfg, exclude, allowed_at)
+        made.append(c)
         return c
 
     res = run_prequential(world, make_strategies("cloud-only,device-rerank"), EvalConfig(refresh_every=300, batch_size=100, n_boot=20), cloud_factory=factory)
     cloud = made[0]
-    assert isinstance(cloud, TorchRecCloud) and res.config["cloud"] == "TorchRecCloud"
-    assert cloud.trainer.steps > 0 and cloud.version >= 4 and cloud.trainer.version == cloud.version
+    assert res.config["cloud"] == "CloudRecommender" and set(res.config["fusion_weights"]) >= {"two_tower_z", "i2i_after", "rep16"}
+    assert cloud.trainer.steps > 0 and cloud.fusion.steps > 0 and cloud.version >= 4 and cloud.trainer.version == cloud.version
     ids, vecs = cloud.item_vectors()
     assert vecs.shape == (len(ids), cloud.dim) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
     for label in ("cloud-only", "device-rerank"):
         r = res.get(label)
         assert len(r.points.rank) == res.n_points and np.isfinite(r.metrics["NDCG@10"].mean)
-    assert res.get("cloud-only").metrics["HR@50"].mean > res.get("popularity").metrics["HR@50"].mean * 0.5
-    with pytest.raises(ValueError):
-        make_cloud_factory("nope")
+    assert res.get("cloud-only").metrics["HR@50"].mean > 0.5 * res.get("popularity").metrics["HR@50"].mean
+    assert res.get("cloud-only").bytes_request_per_device_day > 0
+
+
+def test_feed_domain_never_shows_consumed_items_and_repeat_domain_scores_repeats() -> None:
+    """feed: no list holds an item the user consumed before (cloud-only included); repeat: repeat points can hit."""
+    world = generate(SyntheticConfig(events=1500, users=25, items=40, days=1.0, seed=5))
+    for domain in ("feed", "repeat"):
+        res = run_prequential(world, make_strategies("cloud-only,device-rerank"), EvalConfig(refresh_every=300, batch_size=100, n_boot=20, domain=domain))
+        assert res.config["repeat_domain"] == (domain == "repeat")
+        for label in ("cloud-only", "device-rerank", "item-to-item"):
+            r = res.get(label)
+            rep_hits = (r.points.rank[r.points.repeat] > 0).mean() if r.points.repeat.any() else 0.0
+            if domain == "feed":
+                assert rep_hits == 0.0, label
+            else:
+                assert rep_hits > 0.2, (label, rep_hits)
+    with pytest.raises(ValueError, match="domain"):
+        run_prequential(world, make_strategies("cloud-only"), EvalConfig(domain="both", max_events=200, n_boot=10))
 
 
 def test_parallel_workers_give_the_same_results() -> None:

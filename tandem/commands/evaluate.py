@@ -12,15 +12,6 @@ import typer
 logger = logging.getLogger(__name__)
 
 
-#: Cloud model used when ``--cloud`` is not given. Measured over the whole logs (cloud-only,
-#: NDCG@10): Twitch stream 0.603 [0.598, 0.609] vs torchrec 0.531 [0.525, 0.537]; MovieLens
-#: stream 0.0120 [0.0108, 0.0130] vs torchrec 0.0135 [0.0124, 0.0145]; both well inside the
-#: 15-minute budget. TorchRec is clearly worse on Twitch (it under-ranks the user's own
-#: recent streamers) and not clearly better on MovieLens, so ``stream`` stays the default
-#: (docs/evaluation.md, "Cloud model").
-DEFAULT_CLOUD = "stream"
-
-
 def parse_thresholds(text: str) -> list[float]:
     """"0.05,0.1" -> [0.05, 0.1] (empty string -> no sweep)."""
     return [float(x) for x in text.split(",") if x.strip()]
@@ -116,17 +107,22 @@ def evaluate(
     trust_radius: float = typer.Option(
         0.5, "--trust-radius", help="Max L2 drift of the shipped reranker from the fleet's starting one (<= 0: unbounded)."
     ),
-    cloud: str = typer.Option(DEFAULT_CLOUD, "--cloud", help="Cloud model: stream (StreamTwoTower stand-in) | torchrec (cloud_recsys OnlineTrainer)."),
+    domain: str = typer.Option(
+        "auto", "--domain", help="repeat (items are consumed again), feed (consumed items are never shown again) or auto."
+    ),
+    refetch_every: int = typer.Option(1, "--refetch-every", help="A device fetches again after this many engagements (0: only at session start and by time)."),
 ) -> None:
     """Replay a log through every strategy (prequential), print the table and write the report.
 
-    ``--cloud`` picks the shared cloud model (tandem/evaluation/clouds.py): ``stream`` (the
-    default, ``StreamTwoTower``) or ``torchrec`` (the real ``cloud_recsys`` OnlineTrainer).
-    Stream stays the default because, measured over the whole logs, torchrec's cloud-only
-    NDCG@10 is 12% lower on Twitch (0.531 vs 0.603) and within noise on MovieLens
-    (0.0135 vs 0.0120); both fit the time budget. ``--workers`` splits strategies over
+    Every strategy runs on the production cloud (cloud_recsys.recommender: two-tower,
+    item-to-item, trending and repeat channels, ranked by a model trained on the stream),
+    against the simple baselines on the same points. ``--workers`` splits strategies over
     forked processes (identical results).
     """
+    if domain not in ("auto", "feed", "repeat"):
+        raise typer.BadParameter(f"{domain!r} is not one of auto, feed, repeat", param_hint="--domain")
+    if refetch_every < 0:
+        raise typer.BadParameter("must be 0 or more", param_hint="--refetch-every")
     from tqdm import tqdm
 
     from streams.datasets import load_source
@@ -150,6 +146,8 @@ def evaluate(
         n_boot=n_boot,
         max_events=max_events,
         trust_radius=trust_radius if trust_radius > 0 else None,
+        domain=domain,
+        refetch_every=refetch_every,
         seed=seed,
     )
     bar = tqdm(total=len(log) if max_events is None else min(len(log), max_events), unit="ev", desc=f"replay {source}", smoothing=0.05)
@@ -160,9 +158,7 @@ def evaluate(
         bar.update(i - done[0])
         done[0] = i
 
-    from tandem.evaluation.clouds import make_cloud_factory
-
-    result = run_prequential(log, strats, config, cloud_factory=make_cloud_factory(cloud), progress=progress, workers=workers)
+    result = run_prequential(log, strats, config, progress=progress, workers=workers)
     bar.close()
     if thresholds:
         result.frontier = frontier(result, sweep_strategy)

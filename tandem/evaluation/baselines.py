@@ -1,229 +1,141 @@
-"""Reference recommenders and a compact stand-in cloud model.
+"""The simple recommenders every strategy must beat, scored on the same points.
 
-* ``PopularityBaseline``: time-decayed engagement counts, filtered to what is live now.
-* ``RepeatLastLive``: the user's most recently watched items that are live now, most
-  recent first, then popular live items. On livestreams this is strong (people go back
-  to the streamers they watch; Rappaz et al., RecSys 2021), so any device strategy
-  must beat it, not only the cloud.
-* ``StreamTwoTower``: a small two-tower model trained online from the stream
-  (user embedding + mean of the last H item embeddings vs item embedding; in-batch
-  and uniform sampled-softmax negatives). It implements the ``CloudModel`` protocol the
-  loop needs (``train_batch``, ``user_vectors``, ``item_vectors``, ``version``) and is
-  used when ``cloud_recsys``'s TorchRec ``OnlineTrainer`` is unavailable, and in tests
-  (fast, deterministic).
+They see the user's own history at once (as a device does); what needs other users
+(co-occurrence, popularity) is counted once per cloud mini-batch, like the cloud.
+Each is one channel of ``cloud_recsys.recommender`` used alone, so nothing is written twice:
+
+* ``popularity``: all-time counts.
+* ``trending``: time-decayed popularity; the half-life (1 h, 1 day, 7 days, 30 days) is
+  chosen online, at each point the one with the best NDCG@10 on the points before it
+  (tuned honestly, on the past only).
+* ``item-to-item``: co-occurrence after the user's last 3 items (``ItemToItem``), then trending.
+* repeat domains only: ``repeat-last`` (the user's most recent items, newest first; LiveRec's
+  recency), ``rep`` (LiveRec's REP: how often the item is in the user's last 16, ties by
+  recency) and ``repeat+i2i`` (repeat-last, then item-to-item, then trending).
+
+Lists are filtered as any client would: only live items on livestreams, no consumed item
+in feeds without repeats, and not the item the user is on right now (the protocol never
+scores a positive that continues the previous one, so the cloud's ranking stage learns
+the same from its own training lists).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from collections import deque
 
 import numpy as np
-import torch
 
-from streams.batch import EventBatch
-from streams.schema import POSITIVE_KINDS
+from cloud_recsys.cooccurrence import ItemToItem
+from cloud_recsys.popularity import Popularity
 
-logger = logging.getLogger(__name__)
+HALF_LIVES_MS: tuple[int, ...] = (3_600_000, 86_400_000, 7 * 86_400_000, 30 * 86_400_000)
 
-POSITIVE_CODES = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
-
-
-class PopularityBaseline:
-    """Exponentially time-decayed counts of engagements the cloud has ingested.
-
-    Args:
-        half_life_ms: weight of an engagement halves every this many ms.
-    """
-
-    def __init__(self, half_life_ms: int = 7 * 86_400_000) -> None:
-        self.half_life_ms = half_life_ms
-        self.score: dict[int, float] = {}
-        self.t0: int | None = None
-
-    def observe(self, batch: EventBatch) -> None:
-        pos = np.isin(batch.kind, POSITIVE_CODES) & (batch.user_id >= 0)
-        if not pos.any():
-            return
-        ts = batch.ts_ms[pos]
-        if self.t0 is None:
-            self.t0 = int(ts[0])
-        # log-domain growth avoided by a moving reference: weights grow as 2^(t/h) (fine over years at h=7d? no) -> renormalize
-        w = np.exp2((ts - self.t0) / self.half_life_ms)
-        items = batch.item_id[pos]
-        for it, wi in zip(items.tolist(), w.tolist()):
-            self.score[it] = self.score.get(it, 0.0) + wi
-        if w.max() > 1e12:  # keep numbers finite: shift the reference time
-            f = float(np.exp2(-(int(ts[-1]) - self.t0) / self.half_life_ms))
-            self.score = {k: v * f for k, v in self.score.items()}
-            self.t0 = int(ts[-1])
-
-    def top(self, k: int, live: np.ndarray | None = None) -> np.ndarray:
-        """The ``k`` most popular items (only live ones when ``live`` is given)."""
-        if not self.score:
-            return np.zeros(0, dtype=np.int64) if live is None else np.asarray(live, dtype=np.int64)[:k]
-        ids = np.fromiter(self.score.keys(), dtype=np.int64, count=len(self.score))
-        sc = np.fromiter(self.score.values(), dtype=np.float64, count=len(self.score))
-        if live is not None:
-            keep = np.isin(ids, live)
-            ids, sc = ids[keep], sc[keep]
-        order = np.argsort(-sc, kind="stable")[:k]
-        return ids[order]
+DESCRIPTIONS: dict[str, str] = {
+    "popularity": "all-time most consumed items",
+    "trending": "time-decayed popularity, half-life chosen online on past points",
+    "item-to-item": "items consumed right after the user's last 3 items (co-occurrence), then trending",
+    "repeat-last": "the user's own most recent items, newest first, then trending",
+    "rep": "LiveRec's REP: frequency in the user's last 16 items (ties: most recent), then trending",
+    "repeat+i2i": "repeat-last, then item-to-item, then trending",
+}
 
 
-class RepeatLastLive:
-    """Recently engaged items that are live now (most recent first), padded with popular live items.
-
-    Only uses the user's own past engagements (observed after each prediction), so no leakage.
-    """
-
-    def __init__(self, popularity: PopularityBaseline, memory: int = 100) -> None:
-        self.popularity = popularity
-        self.memory = memory
-        self.recent: dict[int, list[int]] = {}
-
-    def observe(self, user: int, item: int) -> None:
-        lst = self.recent.setdefault(int(user), [])
-        if lst and lst[-1] == item:
-            return
-        if item in lst:
-            lst.remove(item)
-        lst.append(int(item))
-        if len(lst) > self.memory:
-            del lst[0]
-
-    def ranking(self, user: int, k: int, live_set: set[int] | None, popular: np.ndarray) -> np.ndarray:
-        mine = [i for i in reversed(self.recent.get(int(user), [])) if live_set is None or i in live_set]
-        seen = set(mine)
-        pad = [int(i) for i in popular.tolist() if int(i) not in seen]
-        return np.asarray((mine + pad)[:k], dtype=np.int64)
+def baseline_names(repeat_domain: bool) -> tuple[str, ...]:
+    base = ("popularity", "trending", "item-to-item")
+    return base + ("repeat-last", "rep", "repeat+i2i") if repeat_domain else base
 
 
-# -- stand-in cloud model -----------------------------------------------------
-@dataclass(frozen=True)
-class StreamTwoTowerConfig:
-    """Sizes and optimizer of the stand-in cloud model.
+def _dedup(parts: list[np.ndarray], k: int, allowed: set[int] | None, exclude: set[int] | None) -> np.ndarray:
+    out: list[int] = []
+    taken: set[int] = set()
+    for p in parts:
+        for i in p.tolist():
+            if i in taken or (allowed is not None and i not in allowed) or (exclude is not None and i in exclude):
+                continue
+            taken.add(i)
+            out.append(i)
+            if len(out) >= k:
+                return np.asarray(out, np.int64)
+    return np.asarray(out, np.int64)
+
+
+class Baselines:
+    """Every simple baseline, fed by the loop (see module docstring).
 
     Args:
-        dim: embedding width (= the reranker's ``emb_dim``).
-        history_len: last engaged items averaged into the user vector.
-        negatives: uniform sampled negatives per step (shared by the batch).
-        lr: Adagrad learning rate.
-        steps_per_batch: optimizer steps per ingested mini-batch.
-        temperature: softmax temperature.
-        seed: init and sampling seed.
+        repeat_domain: add the repeat baselines.
+        k: list length.
+        session_gap_ms: co-occurrence pairs positives within a session only.
     """
 
-    dim: int = 32
-    history_len: int = 20
-    negatives: int = 128
-    lr: float = 0.05
-    steps_per_batch: int = 2
-    temperature: float = 0.2
-    seed: int = 0
+    def __init__(self, repeat_domain: bool, k: int = 100, session_gap_ms: int = 30 * 60_000) -> None:
+        self.names = baseline_names(repeat_domain)
+        self.k = k
+        self.all_time = Popularity(None)
+        self.decayed = [Popularity(h) for h in HALF_LIVES_MS]
+        self.decayed_gain = np.zeros(len(HALF_LIVES_MS))
+        self.i2i = ItemToItem(3, session_gap_ms)
+        self.recent: dict[int, deque[int]] = {}
+        self.last: dict[int, tuple[int, int]] = {}
+        self.session_gap_ms = session_gap_ms
+        self._tops: list[np.ndarray] = []
+        self._all_top = np.zeros(0, np.int64)
 
+    def ingest(self, users: np.ndarray, items: np.ndarray, ts_ms: np.ndarray) -> None:
+        """Count a mini-batch of positives (other users' behaviour reaches baselines per batch)."""
+        self.all_time.update(items, ts_ms)
+        for p in self.decayed:
+            p.update(items, ts_ms)
+        self.i2i.update(users, items, ts_ms)
 
-class StreamTwoTower:
-    """Online two-tower trained test-then-train from the event stream (see module docstring).
+    def start_window(self, depth: int) -> None:
+        """Cache each popularity's top ``depth`` for the coming window of points."""
+        self._all_top = self.all_time.top(depth)[0]
+        self._tops = [p.top(depth)[0] for p in self.decayed]
 
-    Args:
-        n_users: user-table capacity (rows are assigned on first sight).
-        n_items: item-table capacity.
-        config: sizes.
-    """
-
-    def __init__(self, n_users: int, n_items: int, config: StreamTwoTowerConfig | None = None) -> None:
-        self.config = cfg = config or StreamTwoTowerConfig()
-        g = torch.Generator().manual_seed(cfg.seed)
-        self.U = torch.nn.Parameter(torch.randn(max(n_users, 1), cfg.dim, generator=g) * 0.05)
-        self.V = torch.nn.Parameter(torch.randn(max(n_items, 1), cfg.dim, generator=g) * 0.05)
-        self.opt = torch.optim.Adagrad([self.U, self.V], lr=cfg.lr)
-        self.user_row: dict[int, int] = {}
-        self.item_row: dict[int, int] = {}
-        self.item_ids: list[int] = []
-        self.hist = np.full((max(n_users, 1), cfg.history_len), -1, dtype=np.int64)
-        self.hist_n = np.zeros(max(n_users, 1), dtype=np.int64)
-        self.rng = np.random.default_rng(cfg.seed)
-        self.version = 0
-        self.steps = 0
-
-    @property
-    def dim(self) -> int:
-        return self.config.dim
-
-    def _rows(self, raw: np.ndarray, table: dict[int, int], cap: int, ids: list[int] | None = None) -> np.ndarray:
-        out = np.empty(len(raw), dtype=np.int64)
-        for j, r in enumerate(raw.tolist()):
-            row = table.get(r)
-            if row is None:
-                if len(table) >= cap:
-                    out[j] = -1
-                    continue
-                row = table[r] = len(table)
-                if ids is not None:
-                    ids.append(r)
-            out[j] = row
+    def rankings(self, user: int, at_ms: int, allowed: set[int] | None, exclude: set[int] | None) -> dict[str, np.ndarray]:
+        """Every baseline's list for ``user`` at ``at_ms``."""
+        k = self.k
+        last = self.last.get(int(user))
+        if last is not None and at_ms - last[1] <= self.session_gap_ms:
+            exclude = {last[0]} | (exclude or set())
+        out: dict[str, np.ndarray] = {}
+        out["popularity"] = _dedup([self._all_top], k, allowed, exclude)
+        ranked_decays = [_dedup([t], k, allowed, exclude) for t in self._tops]
+        best = int(np.argmax(self.decayed_gain))
+        trending = ranked_decays[best]
+        out["trending"] = trending
+        self._last_decays = ranked_decays
+        mine = self.recent.get(int(user))
+        hist = np.asarray(list(mine), np.int64) if mine else np.zeros(0, np.int64)
+        i2i_ids, _ = self.i2i.top(hist, k * 2) if len(hist) else (np.zeros(0, np.int64), None)
+        out["item-to-item"] = _dedup([i2i_ids, trending], k, allowed, exclude)
+        if "repeat-last" in self.names:
+            newest = _dedup([hist[::-1]], k, allowed, exclude)
+            out["repeat-last"] = _dedup([newest, trending], k, allowed, exclude)
+            last16 = hist[-16:]
+            if len(last16):
+                uniq, cnt = np.unique(last16, return_counts=True)
+                last_pos = {int(i): j for j, i in enumerate(last16.tolist())}
+                order = sorted(uniq.tolist(), key=lambda i: (-cnt[np.searchsorted(uniq, i)], -last_pos[i]))
+                rep = np.asarray(order, np.int64)
+            else:
+                rep = np.zeros(0, np.int64)
+            out["rep"] = _dedup([rep, newest, trending], k, allowed, exclude)
+            out["repeat+i2i"] = _dedup([newest, i2i_ids, trending], k, allowed, exclude)
         return out
 
-    def _query(self, urows: np.ndarray) -> torch.Tensor:
-        h = torch.from_numpy(self.hist[urows])
-        mask = (h >= 0).float()
-        hv = self.V[h.clamp(min=0)] * mask[..., None]
-        mean = hv.sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
-        return self.U[torch.from_numpy(urows)] + mean
+    def learn(self, user: int, item: int, at_ms: int) -> None:
+        """After a point: credit each half-life (online choice) and remember the user's item."""
+        for j, lst in enumerate(self._last_decays):
+            hit = np.flatnonzero(lst[:10] == item)
+            if len(hit):
+                self.decayed_gain[j] += 1.0 / np.log2(hit[0] + 2.0)
+        self.observe(user, item, at_ms)
 
-    def train_batch(self, batch: EventBatch) -> dict:
-        """One test-then-train step on the positives of ``batch``; returns {"loss", "n"}."""
-        pos = np.isin(batch.kind, POSITIVE_CODES) & (batch.user_id >= 0)
-        if not pos.any():
-            return {"loss": float("nan"), "n": 0}
-        u = self._rows(batch.user_id[pos], self.user_row, self.U.shape[0])
-        i = self._rows(batch.item_id[pos], self.item_row, self.V.shape[0], self.item_ids)
-        ok = (u >= 0) & (i >= 0)
-        u, i = u[ok], i[ok]
-        loss_v = float("nan")
-        n_items = len(self.item_row)
-        cfg = self.config
-        for _ in range(cfg.steps_per_batch):
-            q = self._query(u)
-            neg = torch.from_numpy(self.rng.integers(0, n_items, size=min(cfg.negatives, n_items)))
-            cand = torch.cat([torch.from_numpy(i), neg])
-            logits = q @ self.V[cand].T / cfg.temperature
-            # mask in-batch duplicates of the positive item (false negatives)
-            same = torch.from_numpy(i)[:, None] == cand[None, :]
-            same[torch.arange(len(i)), torch.arange(len(i))] = False
-            logits = logits.masked_fill(same, -1e9)
-            loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(i)))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            loss_v = float(loss.detach())
-            self.steps += 1
-        for uu, ii in zip(u.tolist(), i.tolist()):
-            self.hist[uu, self.hist_n[uu] % cfg.history_len] = ii
-            self.hist_n[uu] += 1
-        return {"loss": loss_v, "n": int(len(i))}
-
-    def knows_user(self, user_id: int) -> bool:
-        return int(user_id) in self.user_row
-
-    def user_vectors(self, user_ids: np.ndarray, at_ms: int | None = None) -> np.ndarray:
-        """Query vectors (zeros for users never seen)."""
-        user_ids = np.asarray(user_ids, dtype=np.int64)
-        rows = np.array([self.user_row.get(int(x), -1) for x in user_ids.tolist()], dtype=np.int64)
-        out = np.zeros((len(user_ids), self.dim), dtype=np.float32)
-        known = rows >= 0
-        if known.any():
-            with torch.no_grad():
-                out[known] = self._query(rows[known]).numpy()
-        return out
-
-    def item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(raw item ids, vectors) of every item seen so far."""
-        n = len(self.item_ids)
-        with torch.no_grad():
-            return np.asarray(self.item_ids, dtype=np.int64), self.V[:n].detach().numpy().copy()
-
-    def refresh(self) -> int:
-        self.version += 1
-        return self.version
+    def observe(self, user: int, item: int, at_ms: int) -> None:
+        d = self.recent.get(int(user))
+        if d is None:
+            d = self.recent[int(user)] = deque(maxlen=100)
+        d.append(int(item))
+        self.last[int(user)] = (int(item), int(at_ms))

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from cloud_recsys.candidates import Candidates, quantize_rows
-from cloud_recsys.recall import merge_channels, top_indices
+from cloud_recsys.recommender import CloudRecommender, Request, Session
 from device_rerank.config import CTX_FEATURES, DeviceConfig, RerankerConfig
 from device_rerank.device import Device
 from device_rerank.encoders import HardExamples
@@ -49,7 +50,9 @@ from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
 from streams.datasets.base import EventLog
 from streams.schema import AVAILABILITY_KINDS, POSITIVE_KINDS
-from tandem.evaluation.baselines import PopularityBaseline, RepeatLastLive, StreamTwoTower, StreamTwoTowerConfig
+from tandem.evaluation.baselines import DESCRIPTIONS as _BASELINE_DESC
+from tandem.evaluation.baselines import Baselines
+from tandem.evaluation.clouds import recommender_for
 from tandem.evaluation.bootstrap import bootstrap_many, paired_relative_diff
 from tandem.evaluation.metrics import KS, PredictionLog, device_days, latency_summary, metric_names, ndcg_at_k, per_point_values, time_series
 from tandem.evaluation.results import EvaluationResult, Points, StrategyResult
@@ -76,7 +79,10 @@ class EvalConfig:
         ks: metric cut-offs.
         relevant_window: Recall@K's relevant set = distinct items of the next this-many
             positives of the user within the session (including the target).
-        repeat_domain: None = auto (True when the log has availability, i.e. livestreams).
+        domain: "repeat" (items are consumed again: livestreams, sessions), "feed" (a consumed
+            item is never shown again) or "auto" (``resolve_domain``).
+        refetch_every: a device fetches again after this many engagements within a session
+            (its session travels with the fetch; 0 = only on session start and time).
         interest_share: share of each fetched list that the device interest vector's recall
             channel may fill (``cloud_recsys.recall``); every candidate keeps the main model's
             score. Blending the vector into the query instead cost 1.6% NDCG@10 on Twitch.
@@ -103,7 +109,8 @@ class EvalConfig:
     session_gap_ms: int = 30 * 60_000
     ks: tuple[int, ...] = KS
     relevant_window: int = 20
-    repeat_domain: bool | None = None
+    domain: str = "auto"
+    refetch_every: int = 1
     interest_share: float = 0.5
     max_staleness_rounds: int = 8
     n_boot: int = 1000
@@ -118,26 +125,10 @@ class EvalConfig:
     seed: int = 0
 
 
-class CloudModel(Protocol):
-    """What the loop needs from the cloud model (``cloud_recsys.OnlineTrainer`` fits it)."""
-
-    version: int
-
-    def train_batch(self, batch: EventBatch) -> dict: ...
-
-    def user_vectors(self, user_ids: np.ndarray, at_ms: int | None = None) -> np.ndarray: ...
-
-    def item_vectors(self) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def default_cloud(log: EventLog, config: EvalConfig) -> CloudModel:
-    """The stand-in two-tower sized for ``log`` (ids are assigned online; capacity only)."""
-    ev = log.events
-    return StreamTwoTower(
-        int(ev.user_id.nunique()) + 1,
-        int(ev.item_id.nunique()) + 1,
-        StreamTwoTowerConfig(dim=config.cloud_dim, seed=config.seed),
-    )
+#: The cloud the loop drives (``cloud_recsys.recommender.CloudRecommender``).
+CloudModel = CloudRecommender
+#: Builds the cloud for a log: (log, config, exclude_consumed, allowed_at) -> CloudRecommender.
+CloudFactory = Callable[[EventLog, "EvalConfig", bool, Callable[[int], "np.ndarray | None"] | None], CloudRecommender]
 
 
 # -- availability ---------------------------------------------------------------
@@ -303,7 +294,6 @@ class StrategyCloud:
         self.item_vecs = np.zeros((0, reranker.config.emb_dim), dtype=np.float32)
         self.emb_q = np.zeros((0, reranker.config.emb_dim), dtype=np.int8)
         self.emb_scale = np.zeros(0, dtype=np.float32)
-        self.pos: dict[int, int] = {}
 
     # AggregationTarget
     def apply_model_delta(self, flat_delta: np.ndarray) -> None:
@@ -369,13 +359,11 @@ class StrategyCloud:
         vecs = np.asarray(vecs, dtype=np.float32)
         if self.item_delta and len(ids):
             vecs = vecs.copy()
-            pos = {int(x): j for j, x in enumerate(ids.tolist())}
             for item, d in self.item_delta.items():
-                j = pos.get(item)
-                if j is not None:
+                j = cloud.row_of.get(item)
+                if j is not None and j < len(vecs):
                     vecs[j] += d
         self.item_ids, self.item_vecs = np.asarray(ids, dtype=np.int64), vecs
-        self.pos = {int(x): j for j, x in enumerate(self.item_ids.tolist())}
         if len(vecs):
             self.emb_q, self.emb_scale = quantize_rows(vecs)
         self.version += 1
@@ -440,6 +428,7 @@ class _Run:
     cached_at: dict[int, int] = field(default_factory=dict)
     last_upload_n: dict[int, int] = field(default_factory=dict)
     last_personalize_n: dict[int, int] = field(default_factory=dict)
+    bytes_request: int = 0
 
     @property
     def label(self) -> str:
@@ -452,16 +441,26 @@ class _Run:
         return bool(s.personalize_steps) or bool({"parameter", "data"} & set(s.families))
 
 
-def _schedule(users: np.ndarray, ts: np.ndarray, config: EvalConfig) -> np.ndarray:
-    """Fetch flag per event: first event of a user, a new session, or ``fetch_every_ms`` elapsed."""
+def _schedule(users: np.ndarray, ts: np.ndarray, is_pos: np.ndarray, config: EvalConfig) -> np.ndarray:
+    """Fetch flag per prediction point: a user's first, a new session, ``fetch_every_ms`` elapsed,
+    or ``refetch_every`` engagements since the last fetch (a feed asks for its next page)."""
     fetch = np.zeros(len(users), dtype=bool)
     last_ts: dict[int, int] = {}
     last_fetch: dict[int, int] = {}
-    for j, (u, t) in enumerate(zip(users.tolist(), ts.tolist())):
+    since: dict[int, int] = {}
+    every = config.refetch_every
+    for j, (u, t, p) in enumerate(zip(users.tolist(), ts.tolist(), is_pos.tolist())):
         lt = last_ts.get(u)
-        if lt is None or t - lt > config.session_gap_ms or t - last_fetch[u] >= config.fetch_every_ms:
+        if p and (
+            lt is None or t - lt > config.session_gap_ms or t - last_fetch[u] >= config.fetch_every_ms or (every > 0 and since.get(u, 0) >= every)
+        ):
             fetch[j] = True
             last_fetch[u] = t
+            since[u] = 0
+        if lt is None and not p:
+            last_fetch[u] = t
+        if p:
+            since[u] = since.get(u, 0) + 1
         last_ts[u] = t
     return fetch
 
@@ -506,74 +505,98 @@ def _relevant_sets(users: np.ndarray, ts: np.ndarray, items: np.ndarray, is_pos:
     return out
 
 
-def _candidates_for(
-    sc: StrategyCloud,
+def _window_requests(
+    fidx: np.ndarray,
     users: np.ndarray,
     ts: np.ndarray,
-    q: np.ndarray,
-    known: np.ndarray,
-    live: LiveIndex,
-    popular: np.ndarray,
-    seen: dict[int, set[int]] | None,
-    k: int,
-) -> list[Candidates]:
-    """Top-k inner-product retrieval for a batch of fetches (exact, like a Flat IP index).
+    items: np.ndarray,
+    positive: np.ndarray,
+    w0: int,
+    sessions: dict[int, deque[tuple[int, int]]],
+    engaged: dict[int, set[int]],
+    session_len: int,
+    repeat_domain: bool,
+    allowed_at: Callable[[int], np.ndarray | None] | None,
+) -> list[Request]:
+    """The fetch requests of one window, each carrying the device's session as of its own event.
 
-    Grouped by fetch time so every group shares one availability mask. Unknown users and
-    an empty index fall back to popular items (``fallback="popular"``). Users with an
-    uploaded interest vector get a second recall channel merged in (``merge_channels``).
+    ``sessions``/``engaged`` hold the state at the window start; the window's earlier
+    positives are replayed on copies (a device sees its user's actions at once), so a
+    fetch carries exactly the events before it, never its own or a later one.
     """
-    out: list[Candidates | None] = [None] * len(users)
-    n_items = len(sc.item_ids)
-    interest: dict[int, np.ndarray] = {}
-    if n_items:
-        scores_all = q @ sc.item_vecs.T
-        interest = sc.interest_vectors(users)
-    for t in np.unique(ts).tolist():
-        rows = np.flatnonzero(ts == t)
-        lv = live.at(int(t))
-        mask = np.ones(n_items, dtype=bool)
-        if lv is not None and n_items:
-            mask = np.isin(sc.item_ids, lv[0])
-        for j in rows.tolist():
-            u = int(users[j])
-            if n_items == 0 or not known[j]:
-                pop = popular if lv is None else popular[np.isin(popular, lv[0])] if len(popular) else popular
-                ids = pop[:k]
-                idx = np.array([sc.pos.get(int(i), -1) for i in ids.tolist()], dtype=np.int64)
-                keep = idx >= 0
-                ids, idx = ids[keep], idx[keep]
-                sco = -np.arange(len(ids), dtype=np.float32)
-                fb: str | None = "popular"
-            else:
-                s = np.where(mask, scores_all[j], -np.inf)
-                if seen is not None:
-                    su = seen.get(u)
-                    if su:
-                        sidx = [sc.pos[i] for i in su if i in sc.pos]
-                        s[sidx] = -np.inf
-                valid = int(np.isfinite(s).sum())
-                kk = min(k, valid)
-                idx = top_indices(s, kk)
-                v = interest.get(j)
-                if v is not None and kk > 0 and sc.interest_share > 0:
-                    alt = top_indices(np.where(np.isfinite(s), sc.item_vecs @ v, -np.inf), kk)
-                    idx = merge_channels(idx, alt, kk, sc.interest_share)
-                    idx = idx[np.argsort(-s[idx], kind="stable")]
-                ids = sc.item_ids[idx]
-                sco = s[idx].astype(np.float32)
-                fb = None
-            out[j] = Candidates(
-                user_id=u,
-                item_ids=ids.astype(np.int64),
-                scores=sco,
-                emb_q=sc.emb_q[idx] if len(idx) else np.zeros((0, sc.emb_q.shape[1]), np.int8),
-                emb_scale=sc.emb_scale[idx] if len(idx) else np.zeros(0, np.float32),
+    fset = set(fidx.tolist())
+    fusers = set(users[fidx].tolist())
+    local = {u: deque(sessions.get(u, ()), maxlen=session_len) for u in fusers}
+    consumed = None if repeat_domain else {u: set(engaged.get(u, ())) for u in fusers}
+    out: list[Request] = []
+    for j in range(w0, int(fidx.max()) + 1):
+        u = int(users[j])
+        if u not in local:
+            continue
+        if j in fset:
+            d = local[u]
+            sess = Session(np.fromiter((i for i, _ in d), np.int64, len(d)), np.fromiter((t for _, t in d), np.int64, len(d)))
+            t = int(ts[j])
+            out.append(Request(u, t, sess, allowed_at(t) if allowed_at is not None else None, set(consumed[u]) if consumed is not None else None))
+        if positive[j]:
+            local[u].append((int(items[j]), int(ts[j])))
+            if consumed is not None:
+                consumed[u].add(int(items[j]))
+    return out
+
+
+def resolve_domain(domain: str, has_availability: bool, users: np.ndarray, items: np.ndarray, positive: np.ndarray) -> bool:
+    """Whether the log is a repeat-consumption domain ("repeat"), or a feed where consumed items are
+    never shown again ("feed"). "auto": repeat when the log carries availability (livestreams),
+    or when at least 5% of the positives in the first 10% of the log repeat an item the user
+    already consumed (a warm-up prefix; the rest of the log is not looked at).
+    """
+    if domain not in ("auto", "feed", "repeat"):
+        raise ValueError(f"domain must be auto, feed or repeat, got {domain!r}")
+    if domain != "auto":
+        return domain == "repeat"
+    if has_availability:
+        return True
+    idx = np.flatnonzero(positive)
+    idx = idx[: max(1, len(idx) // 10)]
+    seen: set[tuple[int, int]] = set()
+    rep = 0
+    for j in idx.tolist():
+        key = (int(users[j]), int(items[j]))
+        rep += key in seen
+        seen.add(key)
+    return len(idx) > 0 and rep / len(idx) >= 0.05
+
+
+def _candidates_for(sc: StrategyCloud, cloud: CloudModel, requests: list[Request], k: int) -> list[Candidates]:
+    """The cloud's ranked lists for a batch of fetches, as the payload a device receives.
+
+    The strategy's overlay is applied: its item vectors (device item deltas on top of the
+    snapshot) and, for users with an uploaded interest vector, that vector as a further
+    recall channel and ranking feature. A user with neither a known id nor a session gets
+    the trending list, flagged ``fallback="popular"``.
+    """
+    users = np.array([r.user_id for r in requests], dtype=np.int64)
+    vectors = sc.item_vecs if sc.item_delta else None
+    ranked = cloud.recommend(requests, k, vectors=vectors, interest=sc.interest_vectors(users))
+    d = sc.emb_q.shape[1]
+    out = []
+    for req, r in zip(requests, ranked):
+        rows = r.rows[r.rows < len(sc.emb_q)]
+        keep = r.rows < len(sc.emb_q)
+        out.append(
+            Candidates(
+                user_id=req.user_id,
+                item_ids=r.item_ids[keep].astype(np.int64),
+                scores=r.scores[keep],
+                emb_q=sc.emb_q[rows] if len(rows) else np.zeros((0, d), np.int8),
+                emb_scale=sc.emb_scale[rows] if len(rows) else np.zeros(0, np.float32),
                 model_version=sc.version,
-                computed_at_ms=int(t),
-                fallback=fb,
+                computed_at_ms=int(req.at_ms),
+                fallback=None if r.personalized else "popular",
             )
-    return out  # type: ignore[return-value]
+        )
+    return out
 
 
 # -- the loop ----------------------------------------------------------------------
@@ -581,7 +604,7 @@ def run_prequential(
     log: EventLog,
     strategies: Sequence[Strategy],
     config: EvalConfig | None = None,
-    cloud_factory: Callable[[EventLog, EvalConfig], CloudModel] | None = None,
+    cloud_factory: CloudFactory | None = None,
     progress: Callable[[int, int], None] | None = None,
     reference: str = "cloud-only",
     workers: int = 1,
@@ -592,7 +615,7 @@ def run_prequential(
         log: time-sorted event log.
         strategies: strategy instances (labels must be unique).
         config: protocol knobs.
-        cloud_factory: builds the shared cloud model (default: ``default_cloud``).
+        cloud_factory: builds the shared cloud (default: ``clouds.recommender_for``).
         progress: called as ``progress(events_done, events_total)`` after each mini-batch.
         reference: label the relative differences are computed against.
         workers: replay processes (forked; POSIX only). Strategies are split into groups
@@ -637,7 +660,7 @@ def _run_parallel(
     log: EventLog,
     strategies: Sequence[Strategy],
     config: EvalConfig,
-    cloud_factory: Callable[[EventLog, EvalConfig], CloudModel] | None,
+    cloud_factory: CloudFactory | None,
     progress: Callable[[int, int], None] | None,
     reference: str,
     workers: int,
@@ -694,7 +717,7 @@ def _run(
     log: EventLog,
     strategies: Sequence[Strategy],
     config: EvalConfig,
-    cloud_factory: Callable[[EventLog, EvalConfig], CloudModel] | None,
+    cloud_factory: CloudFactory | None,
     progress: Callable[[int, int], None] | None,
     reference: str,
     baselines: bool = True,
@@ -710,16 +733,22 @@ def _run(
     whole = EventBatch.from_frame(ev)
     n = len(whole)
     users, ts, items, kinds, vals = whole.user_id, whole.ts_ms, whole.item_id, whole.kind, whole.value
-    is_pos = _prediction_points(users, ts, items, np.isin(kinds, _POS), config.session_gap_ms)
+    is_pos_raw = np.isin(kinds, _POS)
+    is_pos = _prediction_points(users, ts, items, is_pos_raw, config.session_gap_ms)
     live = LiveIndex(log)
-    repeat_domain = live.enabled if config.repeat_domain is None else config.repeat_domain
-    fetch = _schedule(users, ts, config) & is_pos
+    repeat_domain = resolve_domain(config.domain, live.enabled, users, items, np.isin(kinds, _POS))
+    fetch = _schedule(users, ts, is_pos, config)
     relevant = _relevant_sets(users, ts, items, is_pos, config)
     logger.info("replaying %d events (%d prediction points, %d fetches), repeat_domain=%s", n, int(is_pos.sum()), int(fetch.sum()), repeat_domain)
 
     torch.manual_seed(config.seed)
-    cloud = (cloud_factory or default_cloud)(log, config)
-    dim = int(getattr(cloud, "dim", config.cloud_dim))
+
+    def allowed_at(t: int) -> np.ndarray | None:
+        lv = live.at(int(t))
+        return None if lv is None else lv[0]
+
+    cloud = (cloud_factory or recommender_for)(log, config, not repeat_domain, allowed_at if live.enabled else None)
+    dim = cloud.dim
     base_reranker = Reranker(RerankerConfig(emb_dim=dim))
     base_device = DeviceConfig(exclude_consumed=not repeat_domain, inject_live_recall=repeat_domain, seed=config.seed)
     runs: list[_Run] = []
@@ -741,14 +770,11 @@ def _run(
         )
         runs.append(_Run(s, sc, verifier, keyring, dcfg, PredictionLog(config.ks)))
 
-    popularity = PopularityBaseline()
-    repeat_last = RepeatLastLive(popularity)
-    base_logs = {"popularity": PredictionLog(config.ks)} if baselines else {}
-    if repeat_domain and baselines:
-        base_logs["repeat-last-live"] = PredictionLog(config.ks)
-    seen: dict[int, set[int]] | None = None if repeat_domain else {}
+    simple = Baselines(repeat_domain, config.k, config.session_gap_ms)
+    base_logs = {name: PredictionLog(config.ks) for name in simple.names} if baselines else {}
     engaged: dict[int, set[int]] = {}
-    known_users: set[int] = set()
+    sessions: dict[int, deque[tuple[int, int]]] = {}  # what each device sends with a fetch
+    session_len = cloud.config.session_len
     stream_stale_sum = 0.0
     stream_stale_n = 0
     pending_ingested: list[tuple[int, int]] = []  # (first pos, last pos) of ingested windows since refresh
@@ -766,19 +792,19 @@ def _run(
         fidx = np.flatnonzero(fetch[w0:w1]) + w0
         served: dict[int, dict[int, Candidates]] = {}
         if len(fidx):
-            fu, ft = users[fidx], ts[fidx]
-            q = np.asarray(cloud.user_vectors(fu), dtype=np.float32)
-            known = np.array([int(u) in known_users for u in fu.tolist()], dtype=bool)
-            popular = popularity.top(max(config.k * 4, 400))
+            served_reqs = _window_requests(fidx, users, ts, items, is_pos_raw, w0, sessions, engaged, session_len, repeat_domain, allowed_at if live.enabled else None)
             by_key: dict[str, dict[int, Candidates]] = {}
             for ri, r in enumerate(runs):
                 key = "base" if r.cloud.overlay_empty else r.label
                 if key not in by_key:
-                    cl = _candidates_for(r.cloud, fu, ft, q, known, live, popular, seen, config.k)
+                    cl = _candidates_for(r.cloud, cloud, served_reqs, config.k)
                     by_key[key] = dict(zip(fidx.tolist(), cl))
                 served[ri] = by_key[key]
-        popular_now = popularity.top(max(config.k, 50) * 4)
+                for req in served_reqs:
+                    r.bytes_request += req.session.nbytes + 16
         timings["retrieval_s"] += time.perf_counter() - t0
+        if base_logs:
+            simple.start_window(max(config.k * 4, 400))
 
         # ---- test, then learn on the device side, event by event
         for j in range(w0, w1):
@@ -792,10 +818,8 @@ def _run(
                 rel = relevant[j]
             if pos and base_logs:
                 tb = time.perf_counter()
-                pop_live = popular_now if lv is None else popular_now[np.isin(popular_now, lv[0])]
-                base_logs["popularity"].add(u, t, pop_live[: config.k], it, rep, rel)
-                if "repeat-last-live" in base_logs:
-                    base_logs["repeat-last-live"].add(u, t, repeat_last.ranking(u, config.k, live_set, pop_live), it, rep, rel)
+                for name, ranking in simple.rankings(u, t, live_set, None if repeat_domain else hist).items():
+                    base_logs[name].add(u, t, ranking, it, rep, rel)
                 timings["baselines_s"] += time.perf_counter() - tb
             td = time.perf_counter()
             # phase 1: fetches (cloud calls) and uploads that go with them
@@ -836,8 +860,8 @@ def _run(
                             ranking = dev.ranking(t, live_set)
                         else:
                             ranking = np.zeros(0, dtype=np.int64)
-                    else:
-                        ranking = r.cached.get(u, np.zeros(0, dtype=np.int64))
+                    else:  # the cached list, filtered as any client does (live now; not consumed)
+                        ranking = _client_filter(r.cached.get(u, np.zeros(0, dtype=np.int64)), live_set, None if repeat_domain else hist)
                     r.log.add(u, t, ranking[: max(config.ks)], it, rep, rel)
                     ca = r.cached_at.get(u)
                     if ca is not None:
@@ -852,18 +876,25 @@ def _run(
             timings["devices_s"] += time.perf_counter() - td
             if pos:
                 engaged[u].add(it)
-                repeat_last.observe(u, it)
+                if base_logs:
+                    simple.learn(u, it, t)
+            elif is_pos_raw[j]:
+                engaged.setdefault(u, set()).add(it)
+                if base_logs:
+                    simple.observe(u, it, t)
+            if is_pos_raw[j]:
+                d = sessions.get(u)
+                if d is None:
+                    d = sessions[u] = deque(maxlen=session_len)
+                d.append((it, t))
 
         # ---- the cloud ingests the window (after every prediction in it)
         t0 = time.perf_counter()
         wb = whole.take(np.arange(w0, w1))
-        cloud.train_batch(wb)
-        popularity.observe(wb)
-        for u, it, p in zip(users[w0:w1].tolist(), items[w0:w1].tolist(), is_pos[w0:w1].tolist()):
-            if p:
-                known_users.add(u)
-                if seen is not None:
-                    seen.setdefault(u, set()).add(it)
+        cloud.ingest(wb)
+        if base_logs:
+            pw = np.flatnonzero(is_pos_raw[w0:w1]) + w0
+            simple.ingest(users[pw], items[pw], ts[pw])
         pending_ingested.append((w0, w1))
         timings["cloud_train_s"] += time.perf_counter() - t0
         since_refresh += w1 - w0
@@ -877,8 +908,7 @@ def _run(
                 stream_stale_sum += float(((w1 - 1) - np.arange(a, b)).sum())
                 stream_stale_n += b - a
             pending_ingested = []
-            if hasattr(cloud, "refresh"):
-                cloud.refresh()  # type: ignore[attr-defined]
+            cloud.refresh()
             for r in runs:
                 updates: list[DecodedUpdate] = []
                 r.verifier.current_model_version = r.cloud.version
@@ -913,6 +943,7 @@ def _run(
                 config,
                 dd,
                 bytes_up=r.bytes_up,
+                bytes_request=r.bytes_request,
                 bytes_down=r.bytes_down,
                 uploads=r.uploads,
                 rejected={k: v for k, v in r.verifier.rejected.items() if v},
@@ -934,7 +965,7 @@ def _run(
         n_users=int(len(np.unique(users))),
         n_items=int(len(np.unique(items))),
         device_days=dd,
-        config={**dataclasses.asdict(config), "repeat_domain": repeat_domain, "cloud": type(cloud).__name__},
+        config={**dataclasses.asdict(config), "repeat_domain": repeat_domain, "cloud": type(cloud).__name__, "fusion_weights": _fusion_weights(cloud)},
         results=results,
         wall_s=wall,
         timings=timings,
@@ -944,10 +975,20 @@ def _run(
     return out
 
 
-_BASELINE_DESC = {
-    "popularity": "time-decayed popular items (live now)",
-    "repeat-last-live": "the user's most recently watched streamers that are live now, then popular",
-}
+def _client_filter(ranking: np.ndarray, live: set[int] | None, consumed: set[int] | None) -> np.ndarray:
+    """What any client does to a cached list before showing it: drop offline streams and consumed items."""
+    if not len(ranking) or (live is None and not consumed):
+        return ranking
+    keep = [i for i in ranking.tolist() if (live is None or i in live) and (not consumed or i not in consumed)]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _fusion_weights(cloud: CloudModel) -> dict[str, float]:
+    """The ranking stage's linear weights per feature (what it learned the channels are worth)."""
+    from cloud_recsys.fusion import FEATURES
+
+    w = cloud.fusion.linear.weight.detach().numpy()[0]
+    return {f: round(float(x), 4) for f, x in zip(FEATURES, w)}
 
 
 def _maybe_upload(r: _Run, dev: Device, trigger: str, t: int, j: int, min_new: int = 1) -> None:
@@ -995,6 +1036,7 @@ def _summarize(
     dd: int,
     bytes_up: int = 0,
     bytes_down: int = 0,
+    bytes_request: int = 0,
     uploads: int = 0,
     rejected: dict[str, int] | None = None,
     latencies: np.ndarray | None = None,
@@ -1024,6 +1066,7 @@ def _summarize(
         bytes_down=int(bytes_down),
         bytes_up_per_device_day=bytes_up / max(dd, 1),
         bytes_down_per_device_day=bytes_down / max(dd, 1),
+        bytes_request_per_device_day=bytes_request / max(dd, 1),
         uploads=int(uploads),
         rejected=rejected or {},
         latency=latency_summary(lat) if len(lat) else {},

@@ -48,6 +48,7 @@ class StrategyResult:
     bytes_down: int = 0
     bytes_up_per_device_day: float = 0.0
     bytes_down_per_device_day: float = 0.0
+    bytes_request_per_device_day: float = 0.0  # the session each fetch carries (feature collaboration at request time)
     uploads: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)

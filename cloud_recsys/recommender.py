@@ -1,0 +1,449 @@
+"""The cloud recommender: recall channels merged, then ranked by a model trained on the stream.
+
+One model, used by the evaluation and the services alike. Channels:
+
+* two-tower ANN (``OnlineTrainer``, TorchRec): the query is computed from the request's
+  session (the device's recent items travel with the fetch), so a user the cloud has never
+  seen gets session-based candidates instead of the popularity list;
+* item-to-item co-occurrence after (and before) the session's recent items (``ItemToItem``);
+* trending: time-decayed popularity (``DecayedCounts``), three half-lives as features;
+* repeats: the session's own items, with LiveRec's REP count and time-since-last features.
+
+The union is scored by ``FusionRanker`` (cloud_recsys/fusion.py). Everything works in the
+recommender's own dense item rows (assigned on first sight).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cloud_recsys.config import TwoTowerConfig
+from cloud_recsys.cooccurrence import ItemToItem
+from cloud_recsys.fusion import FEATURES, N_FEATURES, FusionConfig, FusionRanker
+from cloud_recsys.recall import top_indices
+from cloud_recsys.trainer import OnlineTrainer
+from streams.batch import EventBatch
+from streams.schema import POSITIVE_KINDS
+
+logger = logging.getLogger(__name__)
+
+_POS = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
+_F = {name: j for j, name in enumerate(FEATURES)}
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a device sends with a fetch: its recent engaged item ids and their times, oldest first."""
+
+    item_ids: np.ndarray
+    ts_ms: np.ndarray
+
+    @staticmethod
+    def empty() -> "Session":
+        return Session(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: 8 per id plus a 4-byte time offset each."""
+        return 12 * len(self.item_ids)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One fetch: who, when, the device's session, and what may be shown.
+
+    Args:
+        user_id: raw user id.
+        at_ms: log time of the fetch.
+        session: the device's recent items.
+        allowed: raw ids that may be returned (items live now); None = all.
+        exclude: raw ids that must not be returned (consumed items in a feed); None = none.
+    """
+
+    user_id: int
+    at_ms: int
+    session: Session
+    allowed: np.ndarray | None = None
+    exclude: set[int] | None = None
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A ranked candidate list: raw ids, fused scores and recommender rows, best first."""
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    rows: np.ndarray
+    personalized: bool
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """Sizes of the channels and the ranking stage.
+
+    Args:
+        two_tower_k / i2i_k / trending_k: candidates each channel contributes per request.
+        session_len: recent items a device sends (REP counts the last 16 of them).
+        i2i_window: positives each new positive is paired with (co-occurrence).
+        session_gap_ms: inactivity that ends a session (co-occurrence pairs within it only).
+        train_lists: fetches simulated per ingested mini-batch to train the ranking stage.
+        fusion: the ranking model.
+        two_tower: the TorchRec two-tower (sizes; ``user_id_dropout`` lets the session carry
+            the query for cold users).
+        seed: sampling seed.
+    """
+
+    two_tower_k: int = 100
+    i2i_k: int = 60
+    trending_k: int = 40
+    session_len: int = 32
+    i2i_window: int = 3
+    session_gap_ms: int = 30 * 60_000
+    train_lists: int = 256
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    two_tower: TwoTowerConfig = field(default_factory=lambda: TwoTowerConfig(user_id_dropout=0.3))
+    seed: int = 0
+
+
+class DecayedCounts:
+    """Dense exponentially decayed counts per row (``half_life_ms=None``: plain counts)."""
+
+    def __init__(self, half_life_ms: float | None) -> None:
+        self.half_life_ms = half_life_ms
+        self.values = np.zeros(0, np.float64)
+        self.t_ref: int | None = None
+
+    def add(self, rows: np.ndarray, ts_ms: np.ndarray, n_rows: int) -> None:
+        if n_rows > len(self.values):
+            self.values = np.concatenate([self.values, np.zeros(n_rows - len(self.values) + 1024)])
+        if len(rows) == 0:
+            return
+        ts = np.asarray(ts_ms, np.int64)
+        if self.half_life_ms is None:
+            w = np.ones(len(rows))
+        else:
+            if self.t_ref is None:
+                self.t_ref = int(ts.min())
+            ex = (ts - self.t_ref) / self.half_life_ms
+            if ex.max() > 60.0:
+                new = int(ts.max())
+                self.values *= math.pow(2.0, -(new - self.t_ref) / self.half_life_ms)
+                self.t_ref = new
+                ex = (ts - self.t_ref) / self.half_life_ms
+            w = np.exp2(ex)
+        np.add.at(self.values, rows, w)
+
+    def log_relative(self, n_rows: int) -> np.ndarray:
+        """log((count + eps) / (max + eps)) per row: scale-free, 0 for the top item."""
+        v = self.values[:n_rows]
+        top = float(v.max()) if len(v) else 0.0
+        eps = max(top, 1e-300) * 1e-4 + 1e-300
+        return np.log((v + eps) / (top + eps)).astype(np.float32)
+
+
+class CloudRecommender:
+    """The cloud model: ingest the stream, refresh the served snapshot, answer fetches.
+
+    Args:
+        config: channel and model sizes.
+        exclude_consumed: never return an item the user already consumed (feeds without
+            repeats); the cloud remembers what it ingested per user.
+        item_categories: raw item -> category (two-tower side feature).
+        allowed_at: items that may be shown at a time (livestream availability), or None.
+    """
+
+    def __init__(
+        self,
+        config: RecommenderConfig | None = None,
+        exclude_consumed: bool = False,
+        item_categories: dict[int, int] | None = None,
+        allowed_at: Callable[[int], np.ndarray | None] | None = None,
+    ) -> None:
+        self.config = cfg = config or RecommenderConfig()
+        self.exclude_consumed = exclude_consumed
+        self.allowed_at = allowed_at
+        self.trainer = OnlineTrainer(cfg.two_tower, item_categories=item_categories)
+        self.i2i = ItemToItem(cfg.i2i_window, cfg.session_gap_ms)
+        self.pops = (DecayedCounts(DAY_MS), DecayedCounts(7 * DAY_MS), DecayedCounts(None))
+        self.fusion = FusionRanker(cfg.fusion)
+        self.row_of: dict[int, int] = {}
+        self.raw: list[int] = []
+        self.vectors = np.zeros((0, self.dim), np.float32)
+        self.has_vector = np.zeros(0, bool)
+        self.sessions: dict[int, deque[tuple[int, int]]] = {}
+        self.consumed: dict[int, set[int]] = {}
+        self.rng = np.random.default_rng(cfg.seed)
+        self.version = 0
+        self.fusion_loss = float("nan")
+
+    @property
+    def dim(self) -> int:
+        return int(self.config.two_tower.out_dim)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.raw)
+
+    def _rows(self, raw: np.ndarray, add: bool = False) -> np.ndarray:
+        out = np.empty(len(raw), np.int64)
+        for j, r in enumerate(np.asarray(raw).tolist()):
+            row = self.row_of.get(r)
+            if row is None:
+                if not add:
+                    out[j] = -1
+                    continue
+                row = self.row_of[r] = len(self.raw)
+                self.raw.append(r)
+            out[j] = row
+        return out
+
+    def raw_ids(self, rows: np.ndarray) -> np.ndarray:
+        """Raw item ids of recommender rows."""
+        return np.asarray(self.raw, np.int64)[np.asarray(rows, np.int64)]
+
+    def knows_user(self, user_id: int) -> bool:
+        return int(user_id) in self.sessions
+
+    def session_of(self, user_id: int) -> Session:
+        """The cloud's own copy of a user's recent items (what a device of that user would send)."""
+        d = self.sessions.get(int(user_id))
+        if not d:
+            return Session.empty()
+        return Session(np.array([i for i, _ in d], np.int64), np.array([t for _, t in d], np.int64))
+
+    # -- learning ---------------------------------------------------------------------
+    def ingest(self, batch: EventBatch) -> dict[str, float]:
+        """Learn from a time-ordered mini-batch, after every prediction inside it was made.
+
+        First the ranking stage learns from fetches simulated at sampled events (with the
+        state before the batch, as served), then the channels count the batch and the
+        two-tower trains on it.
+        """
+        pos = np.isin(batch.kind, _POS) & (batch.user_id >= 0)
+        if not pos.any():
+            return {"n": 0}
+        users, items, ts = batch.user_id[pos], batch.item_id[pos], batch.ts_ms[pos]
+        rows = self._rows(items, add=True)
+        n = len(users)
+        pick = set(self.rng.choice(n, size=min(n, self.config.train_lists), replace=False).tolist()) if self.version else set()
+        reqs: list[Request] = []
+        targets: list[int] = []
+        L = self.config.session_len
+        for j, (u, i, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist())):
+            d = self.sessions.get(u)
+            if j in pick and not (d and d[-1][0] == i and t - d[-1][1] <= self.config.session_gap_ms):
+                # (a positive on the item just consumed continues it; it is no new choice to learn)
+                sess = Session(np.array([x for x, _ in d], np.int64), np.array([y for _, y in d], np.int64)) if d else Session.empty()
+                allowed = self.allowed_at(t) if self.allowed_at is not None else None
+                done = self.consumed.get(u) if self.exclude_consumed else None
+                reqs.append(Request(u, t, sess, allowed, set(done) if done else None))  # a copy: the loop adds to it
+                targets.append(i)
+            d = self.sessions.get(u)
+            if d is None:
+                d = self.sessions[u] = deque(maxlen=L)
+            d.append((i, t))
+            if self.exclude_consumed:
+                self.consumed.setdefault(u, set()).add(i)
+        if reqs:
+            lists, tgt = [], []
+            for (feats, ids), target in zip(self._candidates(reqs, self.vectors, None), targets):
+                hit = np.flatnonzero(ids == target)
+                if len(hit):
+                    lists.append(feats)
+                    tgt.append(int(hit[0]))
+            if lists:
+                self.fusion_loss = self.fusion.learn(lists, tgt)
+        self.i2i.update(users, items, ts)
+        for p in self.pops:
+            p.add(rows, ts, self.n_rows)
+        out = self.trainer.train_batch(batch)
+        return {"n": int(n), "fusion_loss": self.fusion_loss, **{k: v for k, v in out.items() if k != "n"}}
+
+    # -- snapshot ---------------------------------------------------------------------
+    def refresh(self) -> int:
+        """Re-export the two-tower's item vectors into the served snapshot; returns the new version."""
+        ids, vecs = self.trainer.item_vectors()
+        rows = self._rows(np.asarray(ids, np.int64), add=True)
+        self.vectors = np.zeros((self.n_rows, self.dim), np.float32)
+        self.has_vector = np.zeros(self.n_rows, bool)
+        self.vectors[rows] = vecs
+        self.has_vector[rows] = True
+        self.version += 1
+        self.trainer.version = self.version
+        return self.version
+
+    def item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(raw ids, vectors) of the snapshot, in recommender row order."""
+        return np.asarray(self.raw[: len(self.vectors)], np.int64), self.vectors
+
+    # -- serving ----------------------------------------------------------------------
+    def recommend(
+        self,
+        requests: Sequence[Request],
+        k: int,
+        vectors: np.ndarray | None = None,
+        interest: dict[int, np.ndarray] | None = None,
+    ) -> list[Ranked]:
+        """Ranked lists for a batch of fetches.
+
+        Args:
+            requests: the fetches.
+            k: list length.
+            vectors: item vectors by row to use instead of the snapshot (a strategy's
+                overlay: device item deltas applied on top).
+            interest: request index -> uploaded interest vector (a further recall channel
+                and feature; feature-based collaboration).
+        """
+        vec = self.vectors if vectors is None else vectors
+        out: list[Ranked] = []
+        for req, (feats, ids, rows, personalized) in zip(requests, self._candidates(requests, vec, interest, with_rows=True)):
+            if len(ids) == 0:
+                out.append(Ranked(ids, np.zeros(0, np.float32), rows, personalized))
+                continue
+            s = self.fusion.score(feats)
+            top = top_indices(s, min(k, len(s)))
+            out.append(Ranked(ids[top], s[top].astype(np.float32), rows[top], personalized))
+        return out
+
+    def _candidates(self, requests: Sequence[Request], vec: np.ndarray, interest: dict[int, np.ndarray] | None, with_rows: bool = False) -> list[Any]:
+        """Per request: (features (m, F), raw ids (m,)[, rows (m,), personalized]) of the merged channels."""
+        cfg = self.config
+        n_rows = min(self.n_rows, len(vec))
+        qs = self.trainer.query_vectors(np.array([r.user_id for r in requests], np.int64), [r.session.item_ids for r in requests]) if requests else None
+        pops = [p.log_relative(n_rows) if len(p.values) >= n_rows else np.zeros(n_rows, np.float32) for p in self.pops]
+        has_vec = self.has_vector[:n_rows] if vectors_match(vec, self.vectors) else np.linalg.norm(vec[:n_rows], axis=1) > 0
+        raw = np.asarray(self.raw[:n_rows], np.int64)
+        tt_all = vec[:n_rows] @ qs.T if n_rows and qs is not None else np.zeros((n_rows, len(requests)), np.float32)
+        mask_cache: dict[int, np.ndarray] = {}
+        trend_cache: dict[int, np.ndarray] = {}
+        res: list[Any] = []
+        for j, req in enumerate(requests):
+            ok = np.ones(n_rows, bool)
+            if req.allowed is not None:
+                key = id(req.allowed)
+                m = mask_cache.get(key)
+                if m is None:
+                    ar = self._rows(req.allowed)
+                    m = np.zeros(n_rows, bool)
+                    m[ar[(ar >= 0) & (ar < n_rows)]] = True
+                    mask_cache[key] = m
+                ok = m.copy()
+            if req.exclude:
+                er = self._rows(np.fromiter(req.exclude, np.int64, len(req.exclude)))
+                ok[er[(er >= 0) & (er < n_rows)]] = False
+            sess_rows = self._rows(req.session.item_ids)
+            q_ok = bool(np.any(qs[j])) if qs is not None else False
+            parts: list[np.ndarray] = []
+            tt = tt_all[:, j] if n_rows else np.zeros(0, np.float32)
+            if q_ok:
+                s = np.where(ok & has_vec, tt, -np.inf)
+                kk = min(cfg.two_tower_k, int(np.isfinite(s).sum()))
+                parts.append(top_indices(s, kk))
+            iv = interest.get(j) if interest else None
+            iv_scores = None
+            if iv is not None and n_rows:
+                iv_scores = vec[:n_rows] @ iv
+                s = np.where(ok & has_vec, iv_scores, -np.inf)
+                parts.append(top_indices(s, min(cfg.two_tower_k // 2, int(np.isfinite(s).sum()))))
+            i2i_f = self.i2i.scores(req.session.item_ids, 0)
+            i2i_b = self.i2i.scores(req.session.item_ids, 1)
+            i2i_l = self.i2i.scores(req.session.item_ids, 0, query_len=1)
+            for ids_, sc_ in (i2i_f, (i2i_b[0], i2i_b[1]) if len(i2i_b[0]) else i2i_b):
+                if len(ids_):
+                    r_ = self._rows(ids_)
+                    good = (r_ >= 0) & (r_ < n_rows)
+                    r_, sc2 = r_[good], sc_[good]
+                    good = ok[r_]
+                    r_, sc2 = r_[good], sc2[good]
+                    parts.append(r_[np.lexsort((r_, -sc2))][: cfg.i2i_k])
+            key = id(req.allowed) if req.allowed is not None else -1
+            tr = trend_cache.get(key) if not req.exclude else None
+            if tr is None:
+                s = np.where(ok, pops[0] + 1e-3 * pops[2], -np.inf)
+                tr = top_indices(s, min(cfg.trending_k + (len(req.exclude) if req.exclude else 0), int(np.isfinite(s).sum())))
+                tr = tr[ok[tr]][: cfg.trending_k]
+                if not req.exclude:
+                    trend_cache[key] = tr
+            parts.append(tr)
+            sr = sess_rows[(sess_rows >= 0) & (sess_rows < n_rows)]
+            parts.append(sr[ok[sr]])
+            cand = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+            m = len(cand)
+            f = np.zeros((m, N_FEATURES), np.float32)
+            if m:
+                if q_ok:
+                    t = np.where(has_vec[cand], tt[cand], 0.0)
+                    f[:, _F["two_tower_z"]] = _z(t)
+                if iv_scores is not None:
+                    f[:, _F["interest"]] = _z(iv_scores[cand])
+                for name, (ids_, sc_) in (("i2i_after", i2i_f), ("i2i_before", i2i_b), ("i2i_last", i2i_l)):
+                    if len(ids_):
+                        f[:, _F[name]] = np.log1p(50.0 * _lookup(raw[cand], ids_, sc_))
+                if len(i2i_f[0]):
+                    ids_, sc_ = i2i_f
+                    order = np.lexsort((ids_, -sc_))
+                    rank = np.empty(len(ids_), np.float64)
+                    rank[order] = np.arange(len(ids_))
+                    f[:, _F["i2i_rank"]] = _lookup(raw[cand], ids_, 1.0 / (1.0 + rank))
+                f[:, _F["pop_day"]] = pops[0][cand]
+                f[:, _F["pop_week"]] = pops[1][cand]
+                f[:, _F["pop_all"]] = pops[2][cand]
+                if len(sess_rows):
+                    _session_features(f, cand, sess_rows, req.session.ts_ms, req.at_ms)
+            ids = raw[cand]
+            if with_rows:
+                res.append((f, ids, cand, q_ok or len(sess_rows) > 0))
+            else:
+                res.append((f, ids))
+        return res
+
+
+def vectors_match(a: np.ndarray, b: np.ndarray) -> bool:
+    return a is b
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    sd = float(x.std())
+    return ((x - x.mean()) / sd).astype(np.float32) if sd > 1e-9 else np.zeros(len(x), np.float32)
+
+
+def _lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """values[keys == id] per id (0 where absent); ``keys`` sorted unique."""
+    pos = np.searchsorted(keys, ids)
+    pos = np.clip(pos, 0, len(keys) - 1)
+    hit = keys[pos] == ids
+    return np.where(hit, values[pos], 0.0)
+
+
+def _session_features(f: np.ndarray, cand: np.ndarray, sess_rows: np.ndarray, sess_ts: np.ndarray, now: int) -> None:
+    """REP count over the last 16, recency of the last consumption and is-last, per candidate."""
+    last_ts: dict[int, int] = {}
+    count16: dict[int, int] = {}
+    n = len(sess_rows)
+    for j, (r, t) in enumerate(zip(sess_rows.tolist(), sess_ts.tolist())):
+        if r < 0:
+            continue
+        last_ts[r] = t
+        if j >= n - 16:
+            count16[r] = count16.get(r, 0) + 1
+    pos = {int(c): j for j, c in enumerate(cand.tolist())}
+    for r, t in last_ts.items():
+        j = pos.get(r)
+        if j is None:
+            continue
+        age = max(0.0, float(now - t))
+        f[j, _F["rep16"]] = math.log1p(count16.get(r, 0))
+        f[j, _F["recency_10m"]] = math.exp(-age / 600_000.0)
+        f[j, _F["recency_1h"]] = math.exp(-age / 3_600_000.0)
+        f[j, _F["recency_1d"]] = math.exp(-age / DAY_MS)
+    last = int(sess_rows[-1])
+    j = pos.get(last)
+    if j is not None:
+        f[j, _F["is_last"]] = 1.0
