@@ -84,3 +84,10 @@ def test_cli_evaluate_synthetic(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert "cloud-only" in res.output and (out / "report.html").is_file() and (out / "results.json").is_file()
+
+
+def test_cli_evaluate_rejects_a_bad_domain_in_one_line(tmp_path: Path) -> None:
+    from tandem.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", "--source", "synthetic", "--events", "500", "--domain", "both", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--domain" in res.output and "Traceback" not in res.output
