@@ -82,6 +82,11 @@ def test_split_by_cost_balances_and_covers() -> None:
     groups = split_by_cost(strats, 2)
     assert sorted(i for g in groups for i in g) == list(range(len(strats))) and len(groups) == 2
     assert split_by_cost(strats[:1], 4) == [[0]]
+    from tandem.evaluation.prequential import _BASELINES_COST, _COST
+
+    load = [sum(_COST[strats[i].name] for i in g) for g in groups]
+    load[0] += _BASELINES_COST
+    assert abs(load[0] - load[1]) <= min(_COST.values()) + 0.2  # the best two-way split of these six
 
 
 class _FixedCloud:

@@ -80,6 +80,7 @@ class Baselines:
         self.session_gap_ms = session_gap_ms
         self._tops: list[np.ndarray] = []
         self._all_top = np.zeros(0, np.int64)
+        self._window_cache = {}
 
     def ingest(self, users: np.ndarray, items: np.ndarray, ts_ms: np.ndarray) -> None:
         """Count a mini-batch of positives (other users' behaviour reaches baselines per batch)."""
@@ -92,6 +93,7 @@ class Baselines:
         """Cache each popularity's top ``depth`` for the coming window of points."""
         self._all_top = self.all_time.top(depth)[0]
         self._tops = [p.top(depth)[0] for p in self.decayed]
+        self._window_cache: dict[int, list[np.ndarray]] = {}
 
     def rankings(self, user: int, at_ms: int, allowed: set[int] | None, exclude: set[int] | None) -> dict[str, np.ndarray]:
         """Every baseline's list for ``user`` at ``at_ms``."""
@@ -100,8 +102,18 @@ class Baselines:
         if last is not None and at_ms - last[1] <= self.session_gap_ms:
             exclude = {last[0]} | (exclude or set())
         out: dict[str, np.ndarray] = {}
-        out["popularity"] = _dedup([self._all_top], k, allowed, exclude)
-        ranked_decays = [_dedup([t], k, allowed, exclude) for t in self._tops]
+        small = exclude is None or len(exclude) <= 1
+        key = id(allowed)
+        lists = self._window_cache.get(key) if small else None
+        if lists is None:  # the popularity lists depend only on what is live (cached per live set within a window)
+            lists = [_dedup([t], k + 1, allowed, None if small else exclude) for t in [self._all_top, *self._tops]]
+            if small:
+                self._window_cache[key] = lists
+        if small and exclude:
+            lists = [t[~np.isin(t, list(exclude))] for t in lists]
+        lists = [t[:k] for t in lists]
+        out["popularity"] = lists[0]
+        ranked_decays = lists[1:]
         best = int(np.argmax(self.decayed_gain))
         trending = ranked_decays[best]
         out["trending"] = trending

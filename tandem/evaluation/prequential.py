@@ -237,7 +237,7 @@ def rescore_batched(devices: Sequence[Device], at_ms: int, live: set[int] | None
         for i, (_, inp, ids, _) in enumerate(members):
             k = len(ids)
             cand[i, :k], cz[i, :k], ctx[i, :k] = inp.cand_emb, inp.cloud_z, inp.ctx
-        with torch.no_grad():
+        with torch.inference_mode():
             out = model(*(torch.from_numpy(x) for x in (cand, cz, ctx, seq, sf, sm)), torch.zeros(model.config.patch_dim)).numpy()
         forwards += 1
         for i, (dev, _, ids, injected) in enumerate(members):
@@ -640,12 +640,27 @@ def run_prequential(
     return result
 
 
-#: Relative replay cost of a strategy's devices (measured on Twitch; used only to balance workers).
-_COST = {"cloud-only": 0.1, "device-rerank": 0.6, "feature": 0.8, "federated": 1.4, "data": 1.2, "hybrid": 2.0}
+#: Relative replay cost of a strategy's devices (measured on the first 10k Twitch events with a
+#: fetch per engagement; used only to balance workers). The first worker also runs the baselines.
+_COST = {"cloud-only": 0.05, "device-rerank": 0.75, "feature": 0.85, "federated": 1.2, "data": 1.0, "hybrid": 1.7}
+_BASELINES_COST = 0.3
 
 
 def split_by_cost(strategies: Sequence[Strategy], workers: int) -> list[list[int]]:
-    """Greedy longest-first partition of strategy indices into ``workers`` groups of similar cost."""
+    """Partition strategy indices into ``workers`` groups of similar cost (group 0 also replays
+    the baselines): exhaustive for two workers and a handful of strategies, else greedy longest-first."""
+    cost = [_COST.get(s.name, 1.0) for s in strategies]
+    n = len(strategies)
+    if workers == 2 and 1 < n <= 14:
+        best: tuple[float, int] | None = None
+        for mask in range(1, 2 ** (n - 1)):  # strategy n-1 always in group 0 (symmetry)
+            b = sum(c for i, c in enumerate(cost) if mask >> i & 1)
+            a = sum(cost) - b + _BASELINES_COST
+            if best is None or max(a, b) < best[0]:
+                best = (max(a, b), mask)
+        assert best is not None
+        g1 = [i for i in range(n) if best[1] >> i & 1]
+        return [[i for i in range(n) if not best[1] >> i & 1], g1]
     order = sorted(range(len(strategies)), key=lambda i: -_COST.get(strategies[i].name, 1.0))
     groups: list[list[int]] = [[] for _ in range(min(workers, len(strategies)))]
     load = [0.0] * len(groups)

@@ -75,6 +75,7 @@ class StrategyResult:
             "bytes_down": self.bytes_down,
             "bytes_up_per_device_day": self.bytes_up_per_device_day,
             "bytes_down_per_device_day": self.bytes_down_per_device_day,
+            "bytes_request_per_device_day": self.bytes_request_per_device_day,
             "uploads": self.uploads,
             "rejected": self.rejected,
             "latency": self.latency,
