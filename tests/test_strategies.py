@@ -123,3 +123,21 @@ def test_trust_region_bounds_the_shipped_reranker(radius: float | None) -> None:
     sc2.refresh(_FixedCloud())
     assert np.allclose(sc2.reranker.flat_parameters() - start, small, atol=1e-5)
     assert np.allclose(base.flat_parameters(), w0)  # the fleet's starting model is never mutated
+
+
+def test_trust_region_bounds_accumulated_item_deltas() -> None:
+    """Device item-row deltas add up, but an item's total never leaves the trust radius."""
+    from device_rerank.reranker import Reranker, RerankerConfig
+    from tandem.evaluation.prequential import StrategyCloud
+
+    sc = StrategyCloud(Reranker(RerankerConfig(emb_dim=4)), trust_radius=0.5)
+    step = np.array([0.2, 0.0, 0.0, 0.0], np.float32)
+    sc.apply_item_deltas({7: step})
+    assert np.allclose(sc.item_delta[7], step)  # inside the radius: unchanged
+    for _ in range(10):
+        sc.apply_item_deltas({7: step, 8: -step})
+    assert np.linalg.norm(sc.item_delta[7]) == pytest.approx(0.5) and np.linalg.norm(sc.item_delta[8]) == pytest.approx(0.5)
+    free = StrategyCloud(Reranker(RerankerConfig(emb_dim=4)), trust_radius=None)
+    for _ in range(10):
+        free.apply_item_deltas({7: step})
+    assert np.linalg.norm(free.item_delta[7]) == pytest.approx(2.0)

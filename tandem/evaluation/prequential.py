@@ -301,9 +301,17 @@ class StrategyCloud:
         self._pending_model_delta = d if self._pending_model_delta is None else self._pending_model_delta + d
 
     def apply_item_deltas(self, deltas: dict[int, np.ndarray]) -> None:
+        """Accumulate device item-row deltas, each item's total kept within ``trust_radius``
+        (the trust region covers item rows too: unit item vectors moved by more than that no
+        longer mean what the ranking stage learned)."""
         for item, d in deltas.items():
             cur = self.item_delta.get(int(item))
-            self.item_delta[int(item)] = np.asarray(d, dtype=np.float32) if cur is None else cur + d
+            tot = np.asarray(d, dtype=np.float32) if cur is None else cur + d
+            if self.trust_radius is not None:
+                n = float(np.linalg.norm(tot))
+                if n > self.trust_radius:
+                    tot = tot * (self.trust_radius / n)
+            self.item_delta[int(item)] = tot
 
     def set_user_vectors(self, vectors: dict[int, np.ndarray]) -> None:
         self.user_vec.update({int(k): np.asarray(v, dtype=np.float32) for k, v in vectors.items()})
@@ -441,28 +449,33 @@ class _Run:
         return bool(s.personalize_steps) or bool({"parameter", "data"} & set(s.families))
 
 
-def _schedule(users: np.ndarray, ts: np.ndarray, is_pos: np.ndarray, config: EvalConfig) -> np.ndarray:
-    """Fetch flag per prediction point: a user's first, a new session, ``fetch_every_ms`` elapsed,
-    or ``refetch_every`` engagements since the last fetch (a feed asks for its next page)."""
+def _schedule(users: np.ndarray, ts: np.ndarray, is_pos: np.ndarray, config: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(fetch, sync) flags per prediction point.
+
+    A *sync* is a user's first fetch, a new session or ``fetch_every_ms`` elapsed: the
+    device also takes a new reranker, personalizes and considers fetch-time uploads. A
+    *fetch* is a sync or ``refetch_every`` engagements since the last fetch (a feed asks for
+    its next page): the device gets a fresh list, nothing else.
+    """
     fetch = np.zeros(len(users), dtype=bool)
+    sync = np.zeros(len(users), dtype=bool)
     last_ts: dict[int, int] = {}
-    last_fetch: dict[int, int] = {}
+    last_sync: dict[int, int] = {}
     since: dict[int, int] = {}
     every = config.refetch_every
     for j, (u, t, p) in enumerate(zip(users.tolist(), ts.tolist(), is_pos.tolist())):
         lt = last_ts.get(u)
-        if p and (
-            lt is None or t - lt > config.session_gap_ms or t - last_fetch[u] >= config.fetch_every_ms or (every > 0 and since.get(u, 0) >= every)
-        ):
+        is_sync = lt is None or t - lt > config.session_gap_ms or t - last_sync.get(u, t) >= config.fetch_every_ms
+        if p and (is_sync or u not in last_sync or (every > 0 and since.get(u, 0) >= every)):
             fetch[j] = True
-            last_fetch[u] = t
             since[u] = 0
-        if lt is None and not p:
-            last_fetch[u] = t
+            if is_sync or u not in last_sync:
+                sync[j] = True
+                last_sync[u] = t
         if p:
             since[u] = since.get(u, 0) + 1
         last_ts[u] = t
-    return fetch
+    return fetch, sync
 
 
 def _prediction_points(users: np.ndarray, ts: np.ndarray, items: np.ndarray, positive: np.ndarray, gap_ms: int) -> np.ndarray:
@@ -752,7 +765,7 @@ def _run(
     is_pos = _prediction_points(users, ts, items, is_pos_raw, config.session_gap_ms)
     live = LiveIndex(log)
     repeat_domain = resolve_domain(config.domain, live.enabled, users, items, np.isin(kinds, _POS))
-    fetch = _schedule(users, ts, is_pos, config)
+    fetch, sync = _schedule(users, ts, is_pos, config)
     relevant = _relevant_sets(users, ts, items, is_pos, config)
     logger.info("replaying %d events (%d prediction points, %d fetches), repeat_domain=%s", n, int(is_pos.sum()), int(fetch.sum()), repeat_domain)
 
@@ -848,15 +861,16 @@ def _run(
                             dev = r.devices[u] = LazyDevice(u, r.cloud.reranker, r.device_config, r.keyring.key_for(u), r.cloud.model_version)
                             dev.record_examples = r.uses_examples
                             s.configure_device(dev)
-                        if dev.model is not r.cloud.reranker:
+                        if sync[j] and dev.model is not r.cloud.reranker:
                             dev.set_model(r.cloud.reranker, r.cloud.model_version)
                             r.bytes_down += model_nbytes
                         dev.receive(cands, t)
                         r.bytes_down += cands.nbytes
-                        if s.personalize_steps and dev.history.n - r.last_personalize_n.get(u, 0) >= config.min_new_engagements:
-                            dev.personalize(s.personalize_steps)
-                            r.last_personalize_n[u] = dev.history.n
-                        _maybe_upload(r, dev, "fetch", t, j, config.min_new_engagements)
+                        if sync[j]:  # a page fetch only refreshes the list; syncs also personalize and upload
+                            if s.personalize_steps and dev.history.n - r.last_personalize_n.get(u, 0) >= config.min_new_engagements:
+                                dev.personalize(s.personalize_steps)
+                                r.last_personalize_n[u] = dev.history.n
+                            _maybe_upload(r, dev, "fetch", t, j, config.min_new_engagements)
                     else:
                         r.cached[u] = cands.item_ids
                         r.bytes_down += int(cands.item_ids.nbytes + cands.scores.nbytes)
