@@ -12,14 +12,17 @@ Protocol (River's ``progressive_val_score`` applied to a recommender system):
   vectors (its index), and each strategy runs an aggregation round over the device
   updates received since the last one. Lists served between refreshes come from the
   last snapshot (staleness is part of the protocol, and is measured).
-* A device fetches candidates at a session start (gap > ``session_gap_ms``) and
-  every ``fetch_every_ms`` within a session. Between fetches it shows its cached
-  list: cloud-only as is; device strategies rerank it on every action with fresh
-  context (recent actions, repeats, what is live now).
+* A device syncs at a session start (gap > ``session_gap_ms``) and every
+  ``fetch_every_ms`` (new reranker, personalization, fetch-time uploads) and fetches a
+  fresh list after every ``refetch_every`` engagements; each fetch carries its recent
+  items (``cloud_recsys.recommender.Session``), from which the cloud builds the query.
+  Between fetches it shows its cached list: cloud-only with the filter any client
+  applies; device strategies rerank it on every action with fresh context.
 * Livestreams are availability-aware (Rappaz et al., RecSys 2021): the cloud only
   retrieves items live at fetch time, devices filter to items live now.
-* Feeds without repeats (MovieLens): the cloud excludes items it has seen the user
-  engage with; devices drop items the user engaged with since the fetch.
+* Feeds without repeats (``domain``, see ``resolve_domain``): the cloud excludes every item
+  the device reports consumed; devices and cloud-only's display drop them too.
+* Baselines (``baselines.py``) are scored on the same points.
 
 Sharing work: one cloud training pass serves every strategy. Strategy-specific
 cloud state (interest vectors, item-row deltas, reranker weights) is an overlay on
@@ -83,9 +86,6 @@ class EvalConfig:
             item is never shown again) or "auto" (``resolve_domain``).
         refetch_every: a device fetches again after this many engagements within a session
             (its session travels with the fetch; 0 = only on session start and time).
-        interest_share: share of each fetched list that the device interest vector's recall
-            channel may fill (``cloud_recsys.recall``); every candidate keeps the main model's
-            score. Blending the vector into the query instead cost 1.6% NDCG@10 on Twitch.
         max_staleness_rounds: the verifier accepts updates this many versions old.
         n_boot: bootstrap replicates.
         max_events: replay only the first N events (None = all).
@@ -111,7 +111,6 @@ class EvalConfig:
     relevant_window: int = 20
     domain: str = "auto"
     refetch_every: int = 1
-    interest_share: float = 0.5
     max_staleness_rounds: int = 8
     n_boot: int = 1000
     max_events: int | None = None
@@ -263,14 +262,12 @@ class StrategyCloud:
 
     Args:
         reranker: the strategy's shared reranker (cloud copy; devices get it at fetches).
-        interest_share: share of a fetched list the interest-vector recall channel may fill.
         data_fit_steps: gradient steps fitting the reranker's prior head on data examples.
     """
 
     def __init__(
         self,
         reranker: Reranker,
-        interest_share: float = 0.5,
         data_fit_steps: int = 30,
         data_fit_lr: float = 0.05,
         data_fit_l2: float = 0.01,
@@ -283,7 +280,6 @@ class StrategyCloud:
         self.data_fit_max_step = 0.1
         self.reranker = reranker
         self.model_version = 0
-        self.interest_share = interest_share
         self.data_fit_steps = data_fit_steps
         self.user_vec: dict[int, np.ndarray] = {}
         self.item_delta: dict[int, np.ndarray] = {}
@@ -784,7 +780,7 @@ def _run(
         s.reset()
         keyring = Keyring(f"tandem-eval-{config.seed}-{s.label}".encode().ljust(16, b"."))
         sc = StrategyCloud(
-            base_reranker, config.interest_share, config.data_fit_steps, config.data_fit_lr, config.data_fit_l2, config.trust_radius
+            base_reranker, config.data_fit_steps, config.data_fit_lr, config.data_fit_l2, config.trust_radius
         )  # shared until a strategy changes it (copy on write)
         from device_rerank.encoders import ParameterEncoder
 

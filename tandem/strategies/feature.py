@@ -8,12 +8,12 @@ from tandem.strategies.base import Strategy
 class FeatureStrategy(Strategy):
     """Device rerank plus a 4+d byte interest vector after engagements (subject to the policy).
 
-    The cloud keeps the latest vector per user and retrieves with it as a second recall
-    channel (``cloud_recsys.recall``): part of the user's next list reflects what they did
-    since the cloud last saw them, while every candidate keeps the main model's score.
+    The cloud keeps the latest vector per user and retrieves with it as a further recall
+    channel of ``cloud_recsys.recommender``: its best items join the merged candidates,
+    which the ranking stage then scores like any other.
     """
 
     name = "feature"
     families = ("feature",)
     upload_on = "engagement"
-    description = "device rerank + interest vector upload (int8) as a second cloud recall channel"
+    description = "device rerank + interest vector upload (int8) as a further cloud recall channel"
