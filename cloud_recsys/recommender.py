@@ -19,7 +19,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -48,6 +48,12 @@ class Session:
     @staticmethod
     def empty() -> "Session":
         return Session(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    @staticmethod
+    def from_pairs(pairs: Sequence[tuple[int, int]]) -> "Session":
+        """From (item id, time) pairs, oldest first (a device's or the cloud's recent-items deque)."""
+        n = len(pairs)
+        return Session(np.fromiter((i for i, _ in pairs), np.int64, n), np.fromiter((t for _, t in pairs), np.int64, n))
 
     @property
     def nbytes(self) -> int:
@@ -213,10 +219,7 @@ class CloudRecommender:
 
     def session_of(self, user_id: int) -> Session:
         """The cloud's own copy of a user's recent items (what a device of that user would send)."""
-        d = self.sessions.get(int(user_id))
-        if not d:
-            return Session.empty()
-        return Session(np.array([i for i, _ in d], np.int64), np.array([t for _, t in d], np.int64))
+        return Session.from_pairs(self.sessions.get(int(user_id), ()))
 
     # -- learning ---------------------------------------------------------------------
     def ingest(self, batch: EventBatch) -> dict[str, float]:
@@ -240,12 +243,11 @@ class CloudRecommender:
             d = self.sessions.get(u)
             if j in pick and not (d and d[-1][0] == i and t - d[-1][1] <= self.config.session_gap_ms):
                 # (a positive on the item just consumed continues it; it is no new choice to learn)
-                sess = Session(np.array([x for x, _ in d], np.int64), np.array([y for _, y in d], np.int64)) if d else Session.empty()
+                sess = Session.from_pairs(d or ())
                 allowed = self.allowed_at(t) if self.allowed_at is not None else None
                 done = self.consumed.get(u) if self.exclude_consumed else None
                 reqs.append(Request(u, t, sess, allowed, set(done) if done else None))  # a copy: the loop adds to it
                 targets.append(i)
-            d = self.sessions.get(u)
             if d is None:
                 d = self.sessions[u] = deque(maxlen=L)
             d.append((i, t))
@@ -253,7 +255,7 @@ class CloudRecommender:
                 self.consumed.setdefault(u, set()).add(i)
         if reqs:
             lists, tgt = [], []
-            for (feats, ids), target in zip(self._candidates(reqs, self.vectors, None), targets):
+            for (feats, ids, _, _), target in zip(self._candidates(reqs, self.vectors, None), targets):
                 hit = np.flatnonzero(ids == target)
                 if len(hit):
                     lists.append(feats)
@@ -303,7 +305,7 @@ class CloudRecommender:
         """
         vec = self.vectors if vectors is None else vectors
         out: list[Ranked] = []
-        for req, (feats, ids, rows, personalized) in zip(requests, self._candidates(requests, vec, interest, with_rows=True)):
+        for req, (feats, ids, rows, personalized) in zip(requests, self._candidates(requests, vec, interest)):
             if len(ids) == 0:
                 out.append(Ranked(ids, np.zeros(0, np.float32), rows, personalized))
                 continue
@@ -312,18 +314,20 @@ class CloudRecommender:
             out.append(Ranked(ids[top], s[top].astype(np.float32), rows[top], personalized))
         return out
 
-    def _candidates(self, requests: Sequence[Request], vec: np.ndarray, interest: dict[int, np.ndarray] | None, with_rows: bool = False) -> list[Any]:
-        """Per request: (features (m, F), raw ids (m,)[, rows (m,), personalized]) of the merged channels."""
+    def _candidates(
+        self, requests: Sequence[Request], vec: np.ndarray, interest: dict[int, np.ndarray] | None
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+        """Per request: (features (m, F), raw ids (m,), rows (m,), personalized) of the merged channels."""
         cfg = self.config
         n_rows = min(self.n_rows, len(vec))
         qs = self.trainer.query_vectors(np.array([r.user_id for r in requests], np.int64), [r.session.item_ids for r in requests]) if requests else None
         pops = [p.log_relative(n_rows) if len(p.values) >= n_rows else np.zeros(n_rows, np.float32) for p in self.pops]
-        has_vec = self.has_vector[:n_rows] if vectors_match(vec, self.vectors) else np.linalg.norm(vec[:n_rows], axis=1) > 0
+        has_vec = self.has_vector[:n_rows] if vec is self.vectors else np.linalg.norm(vec[:n_rows], axis=1) > 0
         raw = np.asarray(self.raw[:n_rows], np.int64)
         tt_all = vec[:n_rows] @ qs.T if n_rows and qs is not None else np.zeros((n_rows, len(requests)), np.float32)
         mask_cache: dict[int, np.ndarray] = {}
         trend_cache: dict[int, np.ndarray] = {}
-        res: list[Any] = []
+        res: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
         for j, req in enumerate(requests):
             ok = np.ones(n_rows, bool)
             if req.allowed is not None:
@@ -355,7 +359,7 @@ class CloudRecommender:
             i2i_f = self.i2i.scores(req.session.item_ids, 0)
             i2i_b = self.i2i.scores(req.session.item_ids, 1)
             i2i_l = self.i2i.scores(req.session.item_ids, 0, query_len=1)
-            for ids_, sc_ in (i2i_f, (i2i_b[0], i2i_b[1]) if len(i2i_b[0]) else i2i_b):
+            for ids_, sc_ in (i2i_f, i2i_b):
                 if len(ids_):
                     r_ = self._rows(ids_)
                     good = (r_ >= 0) & (r_ < n_rows)
@@ -397,16 +401,8 @@ class CloudRecommender:
                 f[:, _F["pop_all"]] = pops[2][cand]
                 if len(sess_rows):
                     _session_features(f, cand, sess_rows, req.session.ts_ms, req.at_ms)
-            ids = raw[cand]
-            if with_rows:
-                res.append((f, ids, cand, q_ok or len(sess_rows) > 0))
-            else:
-                res.append((f, ids))
+            res.append((f, raw[cand], cand, q_ok or len(sess_rows) > 0))
         return res
-
-
-def vectors_match(a: np.ndarray, b: np.ndarray) -> bool:
-    return a is b
 
 
 def _z(x: np.ndarray) -> np.ndarray:

@@ -116,7 +116,7 @@ def test_merged_list_is_the_union_of_the_channels(trained: CloudRecommender) -> 
     cfg = rec.config
     sess = Session(np.array([30, 100]), np.array([0, 1000]))
     req = Request(user_id=10_000, at_ms=10_000_000, session=sess)
-    feats, ids, rows, personalized = rec._candidates([req], rec.vectors, None, with_rows=True)[0]
+    feats, ids, rows, personalized = rec._candidates([req], rec.vectors, None)[0]
     assert personalized and feats.shape == (len(ids), len(FEATURES))
     q = rec.trainer.query_vectors(np.array([req.user_id]), [sess.item_ids])[0]
     tt = rec.raw_ids(top_indices(np.where(rec.has_vector, rec.vectors @ q, -np.inf), min(cfg.two_tower_k, int(rec.has_vector.sum()))))

@@ -543,8 +543,7 @@ def _window_requests(
         if u not in local:
             continue
         if j in fset:
-            d = local[u]
-            sess = Session(np.fromiter((i for i, _ in d), np.int64, len(d)), np.fromiter((t for _, t in d), np.int64, len(d)))
+            sess = Session.from_pairs(local[u])
             t = int(ts[j])
             out.append(Request(u, t, sess, allowed_at(t) if allowed_at is not None else None, set(consumed[u]) if consumed is not None else None))
         if positive[j]:
@@ -591,8 +590,8 @@ def _candidates_for(sc: StrategyCloud, cloud: CloudModel, requests: list[Request
     d = sc.emb_q.shape[1]
     out = []
     for req, r in zip(requests, ranked):
-        rows = r.rows[r.rows < len(sc.emb_q)]
         keep = r.rows < len(sc.emb_q)
+        rows = r.rows[keep]
         out.append(
             Candidates(
                 user_id=req.user_id,
@@ -767,11 +766,12 @@ def _run(
 
     torch.manual_seed(config.seed)
 
-    def allowed_at(t: int) -> np.ndarray | None:
+    def live_ids(t: int) -> np.ndarray | None:
         lv = live.at(int(t))
         return None if lv is None else lv[0]
 
-    cloud = (cloud_factory or recommender_for)(log, config, not repeat_domain, allowed_at if live.enabled else None)
+    allowed_at = live_ids if live.enabled else None
+    cloud = (cloud_factory or recommender_for)(log, config, not repeat_domain, allowed_at)
     dim = cloud.dim
     base_reranker = Reranker(RerankerConfig(emb_dim=dim))
     base_device = DeviceConfig(exclude_consumed=not repeat_domain, inject_live_recall=repeat_domain, seed=config.seed)
@@ -816,16 +816,16 @@ def _run(
         fidx = np.flatnonzero(fetch[w0:w1]) + w0
         served: dict[int, dict[int, Candidates]] = {}
         if len(fidx):
-            served_reqs = _window_requests(fidx, users, ts, items, is_pos_raw, w0, sessions, engaged, session_len, repeat_domain, allowed_at if live.enabled else None)
+            served_reqs = _window_requests(fidx, users, ts, items, is_pos_raw, w0, sessions, engaged, session_len, repeat_domain, allowed_at)
             by_key: dict[str, dict[int, Candidates]] = {}
+            request_bytes = sum(req.session.nbytes + 16 for req in served_reqs)  # every strategy's devices send the same requests
             for ri, r in enumerate(runs):
                 key = "base" if r.cloud.overlay_empty else r.label
                 if key not in by_key:
                     cl = _candidates_for(r.cloud, cloud, served_reqs, config.k)
                     by_key[key] = dict(zip(fidx.tolist(), cl))
                 served[ri] = by_key[key]
-                for req in served_reqs:
-                    r.bytes_request += req.session.nbytes + 16
+                r.bytes_request += request_bytes
         timings["retrieval_s"] += time.perf_counter() - t0
         if base_logs:
             simple.start_window(max(config.k * 4, 400))
