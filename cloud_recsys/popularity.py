@@ -16,6 +16,29 @@ import numpy as np
 _MAX_EXP = 60.0  # rescale once weights reach 2**60
 
 
+def decay_weights(ts_ms: np.ndarray, half_life_ms: float | None, t_ref: int | None) -> tuple[np.ndarray, int | None, float]:
+    """Weights ``2 ** ((ts - t_ref) / half_life)`` of events at ``ts_ms`` (ones without decay).
+
+    Returns (weights, the reference time to keep, the factor existing scores must be
+    multiplied by): when the weights would pass ``2 ** _MAX_EXP`` the reference moves to the
+    newest event and the old scores shrink by the same factor, so ratios are unchanged.
+    Shared by ``Popularity`` (scores by raw id) and the recommender's dense counts.
+    """
+    ts = np.asarray(ts_ms, dtype=np.int64)
+    if half_life_ms is None:
+        return np.ones(len(ts)), t_ref, 1.0
+    if t_ref is None:
+        t_ref = int(ts.min())
+    factor = 1.0
+    exps = (ts - t_ref) / half_life_ms
+    if exps.max() > _MAX_EXP:
+        new = int(ts.max())
+        factor = math.pow(2.0, -(new - t_ref) / half_life_ms)
+        t_ref = new
+        exps = (ts - t_ref) / half_life_ms
+    return np.exp2(exps), t_ref, factor
+
+
 class Popularity:
     """Decayed positive counts per raw item id.
 
@@ -39,28 +62,14 @@ class Popularity:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if len(item_ids) == 0:
             return
-        ts = np.asarray(ts_ms, dtype=np.int64)
-        if self.half_life_ms is None:
-            w = np.ones(len(item_ids))
-        else:
-            if self.t_ref is None:
-                self.t_ref = int(ts.min())
-            exps = (ts - self.t_ref) / self.half_life_ms
-            if exps.max() > _MAX_EXP:
-                self._rebase(int(ts.max()))
-                exps = (ts - self.t_ref) / self.half_life_ms
-            w = np.exp2(exps)
+        w, self.t_ref, factor = decay_weights(ts_ms, self.half_life_ms, self.t_ref)
+        if factor != 1.0:
+            self._scores = {i: s * factor for i, s in self._scores.items()}
         uniq, inv = np.unique(item_ids, return_inverse=True)
         sums = np.bincount(inv, weights=w)
         for item, s in zip(uniq.tolist(), sums.tolist()):
             self._scores[item] = self._scores.get(item, 0.0) + s
         self._cache = None
-
-    def _rebase(self, t_new: int) -> None:
-        assert self.half_life_ms is not None and self.t_ref is not None
-        f = math.pow(2.0, -(t_new - self.t_ref) / self.half_life_ms)
-        self._scores = {i: s * f for i, s in self._scores.items()}
-        self.t_ref = t_new
 
     def scores(self) -> tuple[np.ndarray, np.ndarray]:
         """(item ids, relative scores), most popular first."""

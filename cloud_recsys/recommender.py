@@ -26,6 +26,7 @@ import numpy as np
 from cloud_recsys.config import TwoTowerConfig
 from cloud_recsys.cooccurrence import ItemToItem
 from cloud_recsys.fusion import FEATURES, N_FEATURES, FusionConfig, FusionRanker
+from cloud_recsys.popularity import decay_weights
 from cloud_recsys.recall import top_indices
 from cloud_recsys.trainer import OnlineTrainer
 from streams.batch import EventBatch
@@ -131,19 +132,9 @@ class DecayedCounts:
             self.values = np.concatenate([self.values, np.zeros(n_rows - len(self.values) + 1024)])
         if len(rows) == 0:
             return
-        ts = np.asarray(ts_ms, np.int64)
-        if self.half_life_ms is None:
-            w = np.ones(len(rows))
-        else:
-            if self.t_ref is None:
-                self.t_ref = int(ts.min())
-            ex = (ts - self.t_ref) / self.half_life_ms
-            if ex.max() > 60.0:
-                new = int(ts.max())
-                self.values *= math.pow(2.0, -(new - self.t_ref) / self.half_life_ms)
-                self.t_ref = new
-                ex = (ts - self.t_ref) / self.half_life_ms
-            w = np.exp2(ex)
+        w, self.t_ref, factor = decay_weights(ts_ms, self.half_life_ms, self.t_ref)
+        if factor != 1.0:
+            self.values *= factor
         np.add.at(self.values, rows, w)
 
     def log_relative(self, n_rows: int) -> np.ndarray:
