@@ -269,6 +269,7 @@ class Fleet:
             sample = self._rescore_count % cfg.latency_sample_every == 0
             t0 = time.perf_counter() if sample else 0.0
             if dev.observe(ts, item, kind, value):
+                dev.ranking(ts)  # the user looks at the re-scored list
                 self._rescore_count += 1
                 if sample:
                     rep.latency_ms.append((time.perf_counter() - t0) * 1e3)

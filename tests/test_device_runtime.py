@@ -72,7 +72,10 @@ def test_k_exposures_without_click_trigger_rescore(world) -> None:
     assert dev.observe(1_100, int(r0[0]), EventKind.IMPRESSION) is False
     assert dev.observe(1_200, int(r0[1]), EventKind.IMPRESSION) is False
     assert dev.observe(1_300, int(r0[2]), EventKind.IMPRESSION) is True
-    assert dev.rescores == n + 1
+    assert dev.rescores == n  # re-scored lazily: nothing was looked at yet
+    dev.ranking(1_300)
+    dev.ranking(1_300)
+    assert dev.rescores == n + 1  # one forward for the trigger, none for an unchanged list
     # shown-not-clicked items sink
     assert dev.scores()[int(r0[0])] < before
 

@@ -102,7 +102,7 @@ class _FixedCloud:
 def test_trust_region_bounds_the_shipped_reranker(radius: float | None) -> None:
     """Learned updates move the shipped reranker at most ``trust_radius`` from the start; small ones pass unchanged."""
     from device_rerank.reranker import Reranker, RerankerConfig
-    from tandem.evaluation.prequential import StrategyCloud
+    from tandem.strategies.server import StrategyCloud
 
     base = Reranker(RerankerConfig(emb_dim=32))
     w0 = base.flat_parameters()
@@ -128,7 +128,7 @@ def test_trust_region_bounds_the_shipped_reranker(radius: float | None) -> None:
 def test_trust_region_bounds_accumulated_item_deltas() -> None:
     """Device item-row deltas add up, but an item's total never leaves the trust radius."""
     from device_rerank.reranker import Reranker, RerankerConfig
-    from tandem.evaluation.prequential import StrategyCloud
+    from tandem.strategies.server import StrategyCloud
 
     sc = StrategyCloud(Reranker(RerankerConfig(emb_dim=4)), trust_radius=0.5)
     step = np.array([0.2, 0.0, 0.0, 0.0], np.float32)

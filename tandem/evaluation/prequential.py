@@ -32,22 +32,20 @@ mini-batch and shared between strategies whose overlays are empty.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from cloud_recsys.candidates import Candidates, quantize_rows
+from cloud_recsys.candidates import Candidates
 from cloud_recsys.recommender import CloudRecommender, Request, Session
-from device_rerank.config import CTX_FEATURES, DeviceConfig, RerankerConfig
-from device_rerank.device import Device
-from device_rerank.encoders import HardExamples
+from device_rerank.config import DeviceConfig, RerankerConfig
+from device_rerank.device import rescore_batched, time_single_rescore
 from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, UpdateVerifier
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
@@ -60,12 +58,14 @@ from tandem.evaluation.bootstrap import bootstrap_many, paired_relative_diff
 from tandem.evaluation.metrics import KS, PredictionLog, device_days, latency_summary, metric_names, ndcg_at_k, per_point_values, time_series
 from tandem.evaluation.results import EvaluationResult, Points, StrategyResult
 from tandem.strategies.base import Strategy
+from tandem.strategies.fleet import StrategyFleet
+from tandem.strategies.schedule import ScheduleConfig, SyncSchedule
+from tandem.strategies.server import StrategyCloud, serve_candidates, verifier_for
 
 logger = logging.getLogger(__name__)
 
 _POS = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
 _AVAIL = np.array(sorted(int(k) for k in AVAILABILITY_KINDS), dtype=np.uint8)
-_RANK_FRAC = CTX_FEATURES.index("rank_frac")
 
 
 # -- configuration ------------------------------------------------------------
@@ -161,316 +161,32 @@ class LiveIndex:
         return hit
 
 
-# -- devices ----------------------------------------------------------------------
-class LazyDevice(Device):
-    """``Device`` that defers re-scoring to the next ``ranking`` call.
-
-    Same rankings as ``Device`` (ranking re-scores whenever something changed since the
-    last score), but a trigger followed by another trigger before anyone looks costs one
-    forward pass instead of two - the replay calls ``observe`` then ``ranking`` per event.
-
-    ``record_examples`` (set by the loop) is False for strategies that never use the
-    example buffer (no parameter/data uploads, no personalization): building training
-    groups there is pure cost, and nothing they rank or send depends on it.
-    """
-
-    record_examples: bool = True
-
-    def _rescore(self, at_ms: int) -> None:  # type: ignore[override]
-        self._dirty = True
-
-    def _record_example(self, ts_ms: int, item_id: int, emb: np.ndarray) -> None:
-        """Only engagements with an item of the cached list make a training group.
-
-        ``Device`` also records engagements with items outside the list, giving the
-        positive placeholder features (rank_frac = 1, cloud z = ``inject_cloud_z``) that no
-        negative ever has; every learner (patch, FedSGD, data fit) then learns "rank the
-        bottom of the cloud list first" and NDCG collapses (measured: 0.44 -> 0.09 on Twitch).
-        """
-        if self.record_examples and item_id in self._cloud_set:
-            super()._record_example(ts_ms, item_id, emb)
-
-    def ranking(self, at_ms: int, live: set[int] | None = None) -> np.ndarray:
-        if live is not None and live != self._live:
-            self._live = set(live)
-            self._dirty = True
-        if self._dirty and len(self._cloud_ids):
-            Device._rescore(self, at_ms)
-        return super().ranking(at_ms, live)
-
-
-def rescore_batched(devices: Sequence[Device], at_ms: int, live: set[int] | None) -> int:
-    """Re-score every dirty device in one forward pass per (shared model, zero patch) group.
-
-    Exactly what each device's own ``_rescore`` computes (candidates are scored
-    independently; padding rows are dropped), but one padded batch instead of one call
-    per device: the replay's hot path. Personalized devices (non-zero patch) are scored
-    alone since the patch is one vector per forward. Returns forwards run.
-    """
-    groups: dict[int, list[tuple[Device, Any, np.ndarray, np.ndarray]]] = {}
-    forwards = 0
-    for dev in devices:
-        if live is not None and live != dev._live:
-            dev._live = set(live)
-            dev._dirty = True
-        if not dev._dirty or len(dev._cloud_ids) == 0:
-            continue
-        if bool(torch.any(dev.patch != 0)):
-            Device._rescore(dev, at_ms)
-            forwards += 1
-            continue
-        inputs, ids, injected = dev._inputs(at_ms)
-        groups.setdefault(id(dev.model), []).append((dev, inputs, ids, injected))
-    for members in groups.values():
-        model = members[0][0].model
-        kmax = max(len(m[2]) for m in members)
-        b = len(members)
-        d = members[0][1].cand_emb.shape[1]
-        c = members[0][1].ctx.shape[1]
-        cand = np.zeros((b, kmax, d), dtype=np.float32)
-        cz = np.zeros((b, kmax), dtype=np.float32)
-        ctx = np.zeros((b, kmax, c), dtype=np.float32)
-        seq = np.stack([m[1].seq_emb for m in members]).astype(np.float32)
-        sf = np.stack([m[1].seq_feat for m in members]).astype(np.float32)
-        sm = np.stack([m[1].seq_mask for m in members]).astype(np.float32)
-        for i, (_, inp, ids, _) in enumerate(members):
-            k = len(ids)
-            cand[i, :k], cz[i, :k], ctx[i, :k] = inp.cand_emb, inp.cloud_z, inp.ctx
-        with torch.inference_mode():
-            out = model(*(torch.from_numpy(x) for x in (cand, cz, ctx, seq, sf, sm)), torch.zeros(model.config.patch_dim)).numpy()
-        forwards += 1
-        for i, (dev, _, ids, injected) in enumerate(members):
-            dev._scores = out[i, : len(ids)].copy()
-            dev._scored_ids = ids
-            dev._injected = injected
-            dev._dirty = False
-            dev.rescores += 1
-    return forwards
-
-
-def _time_single_rescore(dev: Device, at_ms: int) -> float:
-    """Seconds one unbatched on-device re-score takes (features + forward): the phone-side latency."""
-    t0 = time.perf_counter()
-    inputs, _, _ = dev._inputs(at_ms)
-    dev.model.score_numpy(inputs, dev.patch)
-    return time.perf_counter() - t0
-
-
-# -- per-strategy cloud state -----------------------------------------------------
-class StrategyCloud:
-    """One strategy's cloud: served snapshot + overlays on the shared model (an ``AggregationTarget``).
-
-    Args:
-        reranker: the strategy's shared reranker (cloud copy; devices get it at fetches).
-        data_fit_steps: gradient steps fitting the reranker's prior head on data examples.
-    """
-
-    def __init__(
-        self,
-        reranker: Reranker,
-        data_fit_steps: int = 30,
-        data_fit_lr: float = 0.05,
-        data_fit_l2: float = 0.01,
-        trust_radius: float | None = None,
-    ) -> None:
-        self.trust_radius = trust_radius
-        self._anchor = reranker.flat_parameters() if trust_radius is not None else None
-        self.data_fit_lr = data_fit_lr
-        self.data_fit_l2 = data_fit_l2
-        self.data_fit_max_step = 0.1
-        self.reranker = reranker
-        self.model_version = 0
-        self.data_fit_steps = data_fit_steps
-        self.user_vec: dict[int, np.ndarray] = {}
-        self.item_delta: dict[int, np.ndarray] = {}
-        self._pending_model_delta: np.ndarray | None = None
-        self._examples: list[HardExamples] = []
-        self.version = 0
-        self.item_ids = np.zeros(0, dtype=np.int64)
-        self.item_vecs = np.zeros((0, reranker.config.emb_dim), dtype=np.float32)
-        self.emb_q = np.zeros((0, reranker.config.emb_dim), dtype=np.int8)
-        self.emb_scale = np.zeros(0, dtype=np.float32)
-
-    # AggregationTarget
-    def apply_model_delta(self, flat_delta: np.ndarray) -> None:
-        d = np.asarray(flat_delta, dtype=np.float32)
-        self._pending_model_delta = d if self._pending_model_delta is None else self._pending_model_delta + d
-
-    def apply_item_deltas(self, deltas: dict[int, np.ndarray]) -> None:
-        """Accumulate device item-row deltas, each item's total kept within ``trust_radius``
-        (the trust region covers item rows too: unit item vectors moved by more than that no
-        longer mean what the ranking stage learned)."""
-        for item, d in deltas.items():
-            cur = self.item_delta.get(int(item))
-            tot = np.asarray(d, dtype=np.float32) if cur is None else cur + d
-            if self.trust_radius is not None:
-                n = float(np.linalg.norm(tot))
-                if n > self.trust_radius:
-                    tot = tot * (self.trust_radius / n)
-            self.item_delta[int(item)] = tot
-
-    def set_user_vectors(self, vectors: dict[int, np.ndarray]) -> None:
-        self.user_vec.update({int(k): np.asarray(v, dtype=np.float32) for k, v in vectors.items()})
-
-    def add_examples(self, examples: Sequence[tuple[int, HardExamples]]) -> None:
-        self._examples.extend(ex for _, ex in examples)
-
-    @property
-    def overlay_empty(self) -> bool:
-        return not self.user_vec and not self.item_delta
-
-    def _fit_on_examples(self, model: Reranker) -> bool:
-        """Fit the prior head's context + cloud-score weights on the round's hard examples (logistic loss)."""
-        if not self._examples or self.data_fit_steps <= 0:
-            return False
-        x = np.concatenate([e.features for e in self._examples])
-        y = np.concatenate([e.labels for e in self._examples]).astype(np.float32)
-        self._examples = []
-        # Engaged items that were not in the cached list carry placeholder features
-        # (rank_frac = 1, injected cloud z); fitting on them teaches "low cloud score wins".
-        in_list = x[:, _RANK_FRAC] < 1.0
-        x, y = x[in_list], y[in_list]
-        if len(np.unique(y)) < 2:
-            return False
-        c = model.config.ctx_dim + 1  # ctx features + cloud z (the device score is not a model input)
-        # Hard examples are selected *because* the device scored them wrongly, so a plain fit
-        # on them is biased (it learns "low cloud score wins"). Fit a small residual on top of
-        # the device's own score instead (a boosting step), strongly pulled to zero.
-        xt = torch.from_numpy(np.ascontiguousarray(x[:, :c], dtype=np.float32))
-        offset = torch.from_numpy(np.ascontiguousarray(x[:, -1], dtype=np.float32))
-        yt = torch.from_numpy(y)
-        delta = torch.zeros(c, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=self.data_fit_lr)
-        for _ in range(self.data_fit_steps):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(offset + xt @ delta, yt) + self.data_fit_l2 * (delta**2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            d = delta.detach()
-            n = float(d.norm())
-            if n > self.data_fit_max_step:
-                d = d * (self.data_fit_max_step / n)
-            model.prior.weight[0, :c] += d
-        w = model.prior.weight
-        model.zero_grad(set_to_none=True)
-        logger.debug("data fit on %d examples: prior=%s", len(y), np.round(w.detach().numpy()[0], 3).tolist())
-        return True
-
-    def refresh(self, cloud: CloudModel) -> bool:
-        """Rebuild the served snapshot; returns True when the reranker got a new version."""
-        ids, vecs = cloud.item_vectors()
-        vecs = np.asarray(vecs, dtype=np.float32)
-        if self.item_delta and len(ids):
-            vecs = vecs.copy()
-            for item, d in self.item_delta.items():
-                j = cloud.row_of.get(item)
-                if j is not None and j < len(vecs):
-                    vecs[j] += d
-        self.item_ids, self.item_vecs = np.asarray(ids, dtype=np.int64), vecs
-        if len(vecs):
-            self.emb_q, self.emb_scale = quantize_rows(vecs)
-        self.version += 1
-        new_model = self._pending_model_delta is not None or bool(self._examples)
-        if new_model:
-            model = copy.deepcopy(self.reranker)
-            if self._pending_model_delta is not None:
-                model.apply_delta(self._pending_model_delta)
-                self._pending_model_delta = None
-            self._fit_on_examples(model)
-            self._project_to_trust_region(model)
-            self.reranker = model
-            self.model_version = self.version
-        return new_model
-
-    def _project_to_trust_region(self, model: Reranker) -> None:
-        """Keep the shipped reranker within ``trust_radius`` of the one the fleet started with.
-
-        Why: every round's update is fitted on a biased slice (the examples devices chose to
-        send, FedSGD steps on a few groups each); unbounded, their sum drifts far from what
-        ranks well (measured on the whole Twitch log: federated -5%, data -27% NDCG@10 vs
-        cloud-only). Projection onto an L2 ball is the server-side trust region.
-        """
-        if self._anchor is None or self.trust_radius is None:
-            return
-        drift = model.flat_parameters() - self._anchor
-        n = float(np.linalg.norm(drift))
-        if n > self.trust_radius:
-            model.apply_delta(drift, scale=self.trust_radius / n - 1.0)
-
-    def interest_vectors(self, users: np.ndarray) -> dict[int, np.ndarray]:
-        """Row in ``users`` -> the latest uploaded interest vector of that user (feature family)."""
-        if not self.user_vec:
-            return {}
-        out = {}
-        for j, u in enumerate(users.tolist()):
-            v = self.user_vec.get(int(u))
-            if v is not None and float(np.linalg.norm(v)) > 0:
-                out[j] = v
-        return out
-
-
 # -- per-strategy run state -------------------------------------------------------------
 @dataclass
 class _Run:
     strategy: Strategy
     cloud: StrategyCloud
     verifier: UpdateVerifier
-    keyring: Keyring
-    device_config: DeviceConfig
+    fleet: StrategyFleet
     log: PredictionLog
-    devices: dict[int, Device] = field(default_factory=dict)
-    cached: dict[int, np.ndarray] = field(default_factory=dict)
-    pending: list[tuple[bytes, int]] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    uploads: int = 0
     latencies: list[float] = field(default_factory=list)
     update_staleness: list[int] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     list_age_ms: list[int] = field(default_factory=list)
-    cached_at: dict[int, int] = field(default_factory=dict)
-    last_upload_n: dict[int, int] = field(default_factory=dict)
-    last_personalize_n: dict[int, int] = field(default_factory=dict)
     bytes_request: int = 0
 
     @property
     def label(self) -> str:
         return self.strategy.label
 
-    @property
-    def uses_examples(self) -> bool:
-        """Whether the strategy's devices need training groups (uploads or personalization use them)."""
-        s = self.strategy
-        return bool(s.personalize_steps) or bool({"parameter", "data"} & set(s.families))
-
 
 def _schedule(users: np.ndarray, ts: np.ndarray, is_pos: np.ndarray, config: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(fetch, sync) flags per prediction point.
-
-    A *sync* is a user's first fetch, a new session or ``fetch_every_ms`` elapsed: the
-    device also takes a new reranker, personalizes and considers fetch-time uploads. A
-    *fetch* is a sync or ``refetch_every`` engagements since the last fetch (a feed asks for
-    its next page): the device gets a fresh list, nothing else.
-    """
+    """(fetch, sync) flags per event, from the fleet's own ``SyncSchedule``."""
+    sched = SyncSchedule(ScheduleConfig(config.session_gap_ms, config.fetch_every_ms, config.refetch_every))
     fetch = np.zeros(len(users), dtype=bool)
     sync = np.zeros(len(users), dtype=bool)
-    last_ts: dict[int, int] = {}
-    last_sync: dict[int, int] = {}
-    since: dict[int, int] = {}
-    every = config.refetch_every
     for j, (u, t, p) in enumerate(zip(users.tolist(), ts.tolist(), is_pos.tolist())):
-        lt = last_ts.get(u)
-        is_sync = lt is None or t - lt > config.session_gap_ms or t - last_sync.get(u, t) >= config.fetch_every_ms
-        if p and (is_sync or u not in last_sync or (every > 0 and since.get(u, 0) >= every)):
-            fetch[j] = True
-            since[u] = 0
-            if is_sync or u not in last_sync:
-                sync[j] = True
-                last_sync[u] = t
-        if p:
-            since[u] = since.get(u, 0) + 1
-        last_ts[u] = t
+        fetch[j], sync[j] = sched.step(u, t, p)
     return fetch, sync
 
 
@@ -574,37 +290,6 @@ def resolve_domain(domain: str, has_availability: bool, users: np.ndarray, items
         rep += key in seen
         seen.add(key)
     return len(idx) > 0 and rep / len(idx) >= 0.05
-
-
-def _candidates_for(sc: StrategyCloud, cloud: CloudModel, requests: list[Request], k: int) -> list[Candidates]:
-    """The cloud's ranked lists for a batch of fetches, as the payload a device receives.
-
-    The strategy's overlay is applied: its item vectors (device item deltas on top of the
-    snapshot) and, for users with an uploaded interest vector, that vector as a further
-    recall channel and ranking feature. A user with neither a known id nor a session gets
-    the trending list, flagged ``fallback="popular"``.
-    """
-    users = np.array([r.user_id for r in requests], dtype=np.int64)
-    vectors = sc.item_vecs if sc.item_delta else None
-    ranked = cloud.recommend(requests, k, vectors=vectors, interest=sc.interest_vectors(users))
-    d = sc.emb_q.shape[1]
-    out = []
-    for req, r in zip(requests, ranked):
-        keep = r.rows < len(sc.emb_q)
-        rows = r.rows[keep]
-        out.append(
-            Candidates(
-                user_id=req.user_id,
-                item_ids=r.item_ids[keep].astype(np.int64),
-                scores=r.scores[keep],
-                emb_q=sc.emb_q[rows] if len(rows) else np.zeros((0, d), np.int8),
-                emb_scale=sc.emb_scale[rows] if len(rows) else np.zeros(0, np.float32),
-                model_version=sc.version,
-                computed_at_ms=int(req.at_ms),
-                fallback=None if r.personalized else "popular",
-            )
-        )
-    return out
 
 
 # -- the loop ----------------------------------------------------------------------
@@ -782,17 +467,9 @@ def _run(
         sc = StrategyCloud(
             base_reranker, config.data_fit_steps, config.data_fit_lr, config.data_fit_l2, config.trust_radius
         )  # shared until a strategy changes it (copy on write)
-        from device_rerank.encoders import ParameterEncoder
-
-        dcfg = s.device_config(base_device)
-        verifier = UpdateVerifier(
-            keyring,
-            max_staleness_versions=config.max_staleness_rounds,
-            param_norm_bound=dcfg.parameter.send_bound(base_reranker.num_parameters(), dim),
-            n_params=base_reranker.num_parameters(),
-            emb_dim=dim,
-        )
-        runs.append(_Run(s, sc, verifier, keyring, dcfg, PredictionLog(config.ks)))
+        fleet = StrategyFleet(s, sc.reranker, sc.model_version, base_device, keyring, config.min_new_engagements)
+        verifier = verifier_for(keyring, base_reranker, fleet.device_config, config.max_staleness_rounds)
+        runs.append(_Run(s, sc, verifier, fleet, PredictionLog(config.ks)))
 
     simple = Baselines(repeat_domain, config.k, config.session_gap_ms)
     base_logs = {name: PredictionLog(config.ks) for name in simple.names} if baselines else {}
@@ -804,7 +481,6 @@ def _run(
     pending_ingested: list[tuple[int, int]] = []  # (first pos, last pos) of ingested windows since refresh
     since_refresh = 0
     round_no = 0
-    model_nbytes = base_reranker.int8_nbytes()
 
     for r in runs:
         r.cloud.refresh(cloud)
@@ -822,7 +498,7 @@ def _run(
             for ri, r in enumerate(runs):
                 key = "base" if r.cloud.overlay_empty else r.label
                 if key not in by_key:
-                    cl = _candidates_for(r.cloud, cloud, served_reqs, config.k)
+                    cl = serve_candidates(r.cloud, cloud, served_reqs, config.k)
                     by_key[key] = dict(zip(fidx.tolist(), cl))
                 served[ri] = by_key[key]
                 r.bytes_request += request_bytes
@@ -846,58 +522,26 @@ def _run(
                     base_logs[name].add(u, t, ranking, it, rep, rel)
                 timings["baselines_s"] += time.perf_counter() - tb
             td = time.perf_counter()
-            # phase 1: fetches (cloud calls) and uploads that go with them
+            # phase 1: fetches (cloud calls) and the syncs and uploads that go with them
             if pos and fetch[j]:
                 for ri, r in enumerate(runs):
-                    s = r.strategy
-                    cands = served[ri][j]
-                    if s.rerank:
-                        dev = r.devices.get(u)
-                        if dev is None:
-                            dev = r.devices[u] = LazyDevice(u, r.cloud.reranker, r.device_config, r.keyring.key_for(u), r.cloud.model_version)
-                            dev.record_examples = r.uses_examples
-                            s.configure_device(dev)
-                        if sync[j] and dev.model is not r.cloud.reranker:
-                            dev.set_model(r.cloud.reranker, r.cloud.model_version)
-                            r.bytes_down += model_nbytes
-                        dev.receive(cands, t)
-                        r.bytes_down += cands.nbytes
-                        if sync[j]:  # a page fetch only refreshes the list; syncs also personalize and upload
-                            if s.personalize_steps and dev.history.n - r.last_personalize_n.get(u, 0) >= config.min_new_engagements:
-                                dev.personalize(s.personalize_steps)
-                                r.last_personalize_n[u] = dev.history.n
-                            _maybe_upload(r, dev, "fetch", t, j, config.min_new_engagements)
-                    else:
-                        r.cached[u] = cands.item_ids
-                        r.bytes_down += int(cands.item_ids.nbytes + cands.scores.nbytes)
-                    r.cached_at[u] = t
+                    r.fleet.receive(u, t, served[ri][j], bool(sync[j]), tag=j)
             # phase 2: one batched forward per shared model for every device that must re-score
             if pos:
-                devs = [r.devices.get(u) if r.strategy.rerank else None for r in runs]
+                devs = [r.fleet.device(u) for r in runs]
                 rescore_batched([d for d in devs if d is not None], t, live_set)
                 # phase 3: test (the ranking the user sees now), then learn
                 for ri, r in enumerate(runs):
                     dev = devs[ri]
-                    if r.strategy.rerank:
-                        if dev is not None:
-                            if len(r.log) % config.latency_sample_every == 0:
-                                r.latencies.append(_time_single_rescore(dev, t))
-                            ranking = dev.ranking(t, live_set)
-                        else:
-                            ranking = np.zeros(0, dtype=np.int64)
-                    else:  # the cached list, filtered as any client does (live now; not consumed)
-                        ranking = _client_filter(r.cached.get(u, np.zeros(0, dtype=np.int64)), live_set, None if repeat_domain else hist)
+                    if dev is not None and len(r.log) % config.latency_sample_every == 0:
+                        r.latencies.append(time_single_rescore(dev, t))
+                    ranking = r.fleet.ranking(u, t, live_set, None if repeat_domain else hist)
                     r.log.add(u, t, ranking[: max(config.ks)], it, rep, rel)
-                    ca = r.cached_at.get(u)
+                    ca = r.fleet.cached_at.get(u)
                     if ca is not None:
                         r.list_age_ms.append(t - ca)
             for r in runs:
-                if r.strategy.rerank:
-                    dev = r.devices.get(u)
-                    if dev is not None:
-                        dev.observe(t, it, kd, val)
-                        if pos:
-                            _maybe_upload(r, dev, "engagement", t, j, config.min_new_engagements)
+                r.fleet.observe(u, t, it, kd, val, pos, tag=j)
             timings["devices_s"] += time.perf_counter() - td
             if pos:
                 engaged[u].add(it)
@@ -937,15 +581,15 @@ def _run(
             for r in runs:
                 updates: list[DecodedUpdate] = []
                 r.verifier.current_model_version = r.cloud.version
-                for raw, sent_at in r.pending:
+                for raw, sent_at in r.fleet.take_outbox():
                     try:
                         updates.append(r.verifier.verify(raw))
                         r.update_staleness.append(w1 - sent_at)
                     except UpdateRejected:
                         pass
-                r.pending = []
                 summary = r.strategy.aggregate(round_no, updates, r.cloud)
-                r.cloud.refresh(cloud)
+                if r.cloud.refresh(cloud):
+                    r.fleet.set_model(r.cloud.reranker, r.cloud.model_version)
                 r.rounds.append(summary)
             timings["rounds_s"] += time.perf_counter() - t0
         if progress is not None:
@@ -967,10 +611,10 @@ def _run(
                 r.log,
                 config,
                 dd,
-                bytes_up=r.bytes_up,
+                bytes_up=r.fleet.bytes_up,
                 bytes_request=r.bytes_request,
-                bytes_down=r.bytes_down,
-                uploads=r.uploads,
+                bytes_down=r.fleet.bytes_down,
+                uploads=r.fleet.uploads,
                 rejected={k: v for k, v in r.verifier.rejected.items() if v},
                 latencies=np.asarray(r.latencies),
                 staleness={
@@ -1000,55 +644,12 @@ def _run(
     return out
 
 
-def _client_filter(ranking: np.ndarray, live: set[int] | None, consumed: set[int] | None) -> np.ndarray:
-    """What any client does to a cached list before showing it: drop offline streams and consumed items."""
-    if not len(ranking) or (live is None and not consumed):
-        return ranking
-    keep = [i for i in ranking.tolist() if (live is None or i in live) and (not consumed or i not in consumed)]
-    return np.asarray(keep, dtype=np.int64)
-
-
 def _fusion_weights(cloud: CloudModel) -> dict[str, float]:
     """The ranking stage's linear weights per feature (what it learned the channels are worth)."""
     from cloud_recsys.fusion import FEATURES
 
     w = cloud.fusion.linear.weight.detach().numpy()[0]
     return {f: round(float(x), 4) for f, x in zip(FEATURES, w)}
-
-
-def _maybe_upload(r: _Run, dev: Device, trigger: str, t: int, j: int, min_new: int = 1) -> None:
-    """Ask the strategy's policy whether to upload now; send each family that has something new.
-
-    Parameter and data updates also need ``min_new`` engagements since the device's last
-    one (a gradient over unchanged local data repeats itself; it also bounds device compute).
-    """
-    fams = r.strategy.families_for(trigger)
-    if not fams:
-        return
-    pol = r.strategy.policy
-    costly = [f for f in fams if f in ("parameter", "data")]
-    if costly:
-        last = r.last_upload_n.get(dev.device_id, 0)
-        if dev.history.n - last < min_new:
-            fams = tuple(f for f in fams if f not in costly)
-            if not fams:
-                return
-    interest = dev.interest(t)
-    sent_costly = False
-    for fam in fams:  # each family is gated against its own last upload
-        if not pol.should_upload(dev.device_id, t, interest, family=fam):
-            continue
-        env = dev.make_update(fam, t)
-        if env is None:
-            continue
-        raw = env.encode()
-        r.pending.append((raw, j))
-        r.bytes_up += len(raw)
-        r.uploads += 1
-        pol.mark_sent(dev.device_id, t, interest, family=fam)
-        sent_costly |= fam in costly
-    if sent_costly:
-        r.last_upload_n[dev.device_id] = dev.history.n
 
 
 def _summarize(
