@@ -289,12 +289,17 @@ def _decompress_bounded(body: bytes, expected: int) -> bytes:
     declared = int(info.get("content_size") or 0)
     if declared and declared != expected:
         raise SchemaError(f"lz4 body declares {declared} bytes, expected {expected}")
+    dec = lz4.frame.LZ4FrameDecompressor()
     try:
-        out = lz4.frame.LZ4FrameDecompressor().decompress(body, max_length=expected + 1)
+        out = dec.decompress(body, max_length=expected + 1)
     except RuntimeError as exc:
         raise SchemaError(f"corrupt lz4 body: {exc}") from None
     if len(out) > expected:
         raise SchemaError(f"lz4 body inflates past {expected} bytes")
+    if not dec.eof:
+        raise SchemaError("truncated lz4 body (no end of frame)")
+    if dec.unused_data:
+        raise SchemaError(f"{len(dec.unused_data)} bytes after the lz4 frame")
     return out
 
 
