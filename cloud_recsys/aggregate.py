@@ -193,6 +193,7 @@ def combine(
         clip_factor: clipped rules clip to this multiple of the median update norm.
         malicious_fraction: ``f / n`` assumed by Krum.
     """
+    deltas, mask = _check(deltas, mask)
     if rule == "fedavg":
         return fedavg(deltas, weights)
     if rule == "trimmed_mean":
