@@ -268,6 +268,31 @@ def test_verifier_replay_state_is_pruned_once_staleness_covers_it() -> None:
         v.verify(old.encode())
 
 
+def test_gate_tells_redelivery_from_replay_with_bounded_memory() -> None:
+    from tandem.services.devices import RECENT_PER_DEVICE, sign_update
+
+    key = "gate-dedup-master-key-000000000"
+    g = UpdateGate(key, dev_mode=False, previous_keys="", max_staleness_versions=1)
+
+    def env(device: int, seq: int, x: float = 0.1) -> bytes:
+        return sign_update(key, dev_mode=False, device_id=device, model_version=g.verifier.current_model_version, seq=seq,
+                           family="feature", created_ms=1, num_examples=1, payload=FeatureEncoder.encode(np.full(D, x, np.float32)))  # fmt: skip
+
+    first = env(1, 1)
+    assert not g.is_duplicate(first)
+    g.verify(first)
+    assert g.is_duplicate(first), "an exact redelivery is a duplicate"
+    assert not g.is_duplicate(env(1, 1, 0.2)), "same seq, other content is a replay (verify rejects it)"
+    for seq in range(2, 2 + 2 * RECENT_PER_DEVICE):
+        g.verify(env(1, seq))
+    assert len(g.recent[1]) == RECENT_PER_DEVICE
+    restored = UpdateGate(key, dev_mode=False, previous_keys="")
+    restored.load_state(g.state())
+    assert restored.is_duplicate(env(1, 1 + 2 * RECENT_PER_DEVICE))
+    g.set_model_version(3)  # device 1's last update (version 0) is now beyond staleness
+    assert g.recent == {} and g.verifier.last_seq == {}
+
+
 def test_aggregator_dedup_keeps_one_seq_per_device_bounded() -> None:
     from device_rerank.envelope import DecodedUpdate
 

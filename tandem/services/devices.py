@@ -1,9 +1,10 @@
 """Glue between the services and device_rerank: the cloud's update gate and the fleet's devices.
 
-``UpdateGate`` wraps ``device_rerank.envelope.UpdateVerifier``: it deduplicates exact
-re-deliveries (same envelope bytes) before verification, so a redelivered update is a
-duplicate, not a "replayed" dead letter, and its state (per-device last seq, digests of
-applied envelopes, model version) is checkpointed with the model.
+``UpdateGate`` wraps ``device_rerank.envelope.UpdateVerifier``: it recognizes exact
+re-deliveries (same envelope bytes, ``is_duplicate``) before verification, so a redelivered
+update is a duplicate, not a "replayed" dead letter, and its state (per-device last seq, the
+digests of each device's last few accepted envelopes, model version) is checkpointed with
+the model. All of it is bounded by the devices active within the staleness window.
 
 Keys: there is no master key in the code. ``master_key`` reads ``TANDEM_DEVICE_KEY`` (via the
 settings) and refuses to go on without one, unless dev mode (``TANDEM_DEV_MODE=1``) is on;
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import deque
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ MAX_UPDATE_BYTES = 64 * 1024
 ENV_KEY = "TANDEM_DEVICE_KEY"
 ENV_PREVIOUS_KEY = "TANDEM_DEVICE_KEY_PREVIOUS"
 ENV_DEV_MODE = "TANDEM_DEV_MODE"
+#: Digests of a device's last accepted envelopes kept to tell a redelivery from a replay.
+RECENT_PER_DEVICE = 8
 #: Shortest accepted master secret (bytes after hex/UTF-8 decoding).
 MIN_KEY_BYTES = 16
 #: The key ``main`` used to ship as a default: refused outside dev mode, since anyone has read it.
@@ -139,6 +143,24 @@ class UpdateGate:
             Keyring(master_key(key, dev_mode)), n_params, emb_dim, device_config,
             max_staleness_versions=max_staleness_versions, previous=previous, max_bytes=max_bytes,
         )  # fmt: skip
+        #: digests of each device's last ``RECENT_PER_DEVICE`` accepted envelopes (pruned with the verifier)
+        self.recent: dict[int, deque[str]] = {}
+
+    def is_duplicate(self, raw: bytes) -> bool:
+        """True for an exact redelivery of one of the device's recently accepted envelopes.
+
+        Replaces a set of every applied envelope digest: memory is ``RECENT_PER_DEVICE``
+        digests per device active within the staleness window. A redelivery older than that
+        is rejected as ``replayed`` by ``verify`` (dead-lettered, never applied twice).
+        """
+        from device_rerank.envelope import _decoder
+
+        try:
+            device = int(_decoder.decode(raw).device_id)
+        except Exception:  # verify() rejects it with the reason
+            return False
+        seen = self.recent.get(device)
+        return seen is not None and digest(raw) in seen
 
     @property
     def rejected(self) -> dict[str, int]:
@@ -146,7 +168,9 @@ class UpdateGate:
         return dict(self.verifier.rejected)
 
     def set_model_version(self, version: int) -> None:
-        self.verifier.current_model_version = int(version)
+        self.verifier.current_model_version = int(version)  # prunes the verifier's per-device state
+        for d in [d for d in self.recent if d not in self.verifier.last_seq]:
+            del self.recent[d]
 
     def verify(self, raw: bytes) -> Any:
         """The ``DecodedUpdate``; raises ``Rejected(reason)`` (tandem.services.cloud_service)."""
@@ -155,14 +179,17 @@ class UpdateGate:
         from tandem.services.cloud_service import Rejected
 
         try:
-            return self.verifier.verify(raw)
+            out = self.verifier.verify(raw)
         except UpdateRejected as exc:
             raise Rejected(f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason) from None
+        self.recent.setdefault(int(out.device_id), deque(maxlen=RECENT_PER_DEVICE)).append(digest(raw))
+        return out
 
     def state(self) -> dict[str, Any]:
         return {
             "last_seq": {str(d): s for d, s in self.verifier.last_seq.items()},
             "last_version": {str(d): s for d, s in self.verifier.last_version.items()},
+            "recent": {str(d): list(q) for d, q in self.recent.items()},
             "model_version": self.verifier.current_model_version,
         }
 
@@ -174,6 +201,7 @@ class UpdateGate:
         version = int(state.get("model_version", 0))
         v.last_version = {d: int(versions.get(str(d), version)) for d in v.last_seq}
         v.current_model_version = version
+        self.recent = {int(d): deque(q, maxlen=RECENT_PER_DEVICE) for d, q in state.get("recent", {}).items() if int(d) in v.last_seq}
 
 
 def sign_update(key: str, dev_mode: bool | None = None, **fields: Any) -> bytes:
