@@ -24,6 +24,7 @@ from cloud_recsys.popularity import Popularity
 from cloud_recsys.recall import merge_channels
 from cloud_recsys.trainer import OnlineTrainer
 from streams.batch import EventBatch
+from streams.schema import MAX_ID, MAX_TS_MS
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ class CandidateService:
 
     @staticmethod
     def _check_user(user_id: Any) -> int:
-        if isinstance(user_id, bool) or not isinstance(user_id, (int, np.integer)) or user_id < 0:
-            raise ValueError(f"user_id must be a non-negative integer, got {user_id!r}")
+        """A user id in 0..MAX_ID (``ValueError`` otherwise: ids >= 2^63 would overflow int64)."""
+        if isinstance(user_id, bool) or not isinstance(user_id, (int, np.integer)) or not 0 <= int(user_id) <= MAX_ID:
+            raise ValueError(f"user_id must be an integer in 0..{MAX_ID}, got {user_id!r}")
         return int(user_id)
 
     def candidates(self, user_id: int, k: int | None = None, at_ms: int | None = None, strict: bool = False) -> Candidates:
@@ -129,8 +131,10 @@ class CandidateService:
         t0 = time.perf_counter()
         k = self.default_k if k is None else self.check_k(k)
         users = np.array([self._check_user(u) for u in user_ids], dtype=np.int64)
-        if at_ms is not None and (isinstance(at_ms, bool) or not isinstance(at_ms, (int, np.integer)) or at_ms < 0):
-            raise ValueError(f"at_ms must be a non-negative integer, got {at_ms!r}")
+        if at_ms is not None and (
+            isinstance(at_ms, bool) or not isinstance(at_ms, (int, np.integer)) or not 0 <= int(at_ms) <= MAX_TS_MS
+        ):
+            raise ValueError(f"at_ms must be an integer in 0..{MAX_TS_MS}, got {at_ms!r}")
         known = self.trainer.known_users(users) if len(users) else np.zeros(0, bool)
         if strict and not known.all():
             with self._stats_lock:

@@ -1,15 +1,21 @@
 """Signed update envelopes and their verification on the cloud side.
 
 One envelope carries one device update of any family. It is signed with
-HMAC-SHA256 under a per-device key ``HMAC(master, device_id)`` (``Keyring``),
-so the cloud holds one secret and a leaked device key exposes one device.
+HMAC-SHA256 under a per-device key derived by HKDF-SHA256 (RFC 5869) from the
+master secret and the device id (``Keyring``), so the cloud holds one secret and
+a leaked device key exposes one device. During a key rotation the verifier
+accepts the new and the previous master (``previous=``).
 
 ``UpdateVerifier.verify(raw)`` is the only way in for the aggregator: every
 failure raises ``UpdateRejected(reason)`` (never another exception), with
 ``reason`` one of ``REASONS``. Checks run cheapest-first and nothing from the
 envelope is trusted before the signature is checked: size (before decoding) ->
 structure -> envelope version -> signature -> family -> staleness -> replay ->
-payload -> norm bound. The replay state advances only for accepted envelopes.
+payload -> contract (width, ``n_params``, finite values, norm bound, non-zero
+direction). The replay state advances only for accepted envelopes.
+
+Build verifiers with ``make_verifier`` so the evaluation and the services enforce
+the same contract.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
 import numpy as np
@@ -33,6 +39,9 @@ from device_rerank.encoders import (
     PayloadError,
 )
 
+if TYPE_CHECKING:
+    from device_rerank.config import DeviceConfig
+
 logger = logging.getLogger(__name__)
 
 ENVELOPE_VERSION: Final[int] = 1
@@ -41,8 +50,15 @@ _KEY_DOMAIN: Final[bytes] = b"tandem-device-key:"
 
 #: Every reason ``UpdateRejected`` may carry.
 REASONS: Final[frozenset[str]] = frozenset(
-    {"oversized", "malformed", "unsupported_version", "bad_signature", "unknown_family", "stale", "replayed", "norm_exceeded"}
+    {
+        "oversized", "malformed", "unsupported_version", "bad_signature", "unknown_family", "stale", "replayed",
+        "norm_exceeded", "non_finite", "wrong_shape", "zero_direction", "too_many_examples",
+    }
 )
+#: HKDF salt of per-device keys (RFC 5869 "extract" step); versioned so a scheme change is explicit.
+_HKDF_SALT: Final[bytes] = b"tandem-device-key-v2"
+#: Verifier state is pruned for devices whose last update is staler than this many versions.
+_PRUNE_SLACK_VERSIONS: Final[int] = 1
 
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
@@ -98,20 +114,34 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Envelope)
 
 
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869): extract with ``salt``, expand with ``info`` to ``length`` bytes."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError("HKDF length out of range")
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        out += block
+        i += 1
+    return out[:length]
+
+
 class Keyring:
     """Per-device HMAC keys derived from one master secret.
 
-    ``key = HMAC-SHA256(master, b"tandem-device-key:" + device_id as 8 bytes big-endian)``;
-    the prefix separates this use of the master from any other.
+    ``key = HKDF-SHA256(ikm=master, salt=b"tandem-device-key-v2",
+    info=b"tandem-device-key:" + device_id as 8 bytes big-endian, L=32)``. A device holds
+    only its own key; the cloud derives any device's key from the master on demand.
     """
 
     def __init__(self, master: bytes) -> None:
         if len(master) < 16:
             raise ValueError("master secret must be at least 16 bytes")
-        self._master = master
+        self._master = bytes(master)
 
     def key_for(self, device_id: int) -> bytes:
-        return hmac.new(self._master, _KEY_DOMAIN + int(device_id).to_bytes(8, "big"), hashlib.sha256).digest()
+        return hkdf_sha256(self._master, _HKDF_SALT, _KEY_DOMAIN + int(device_id).to_bytes(8, "big"))
 
 
 def sign(
@@ -172,7 +202,10 @@ class UpdateVerifier:
         n_params: expected flat size of parameter updates (None: any).
         emb_dim: expected embedding width (None: any).
         families: accepted families.
-        max_num_examples: larger claimed ``num_examples`` (the aggregation weight) is ``malformed``.
+        max_num_examples: a larger claimed ``num_examples`` (the aggregation weight) is
+            ``too_many_examples``.
+        feature_norm_bound: L2 bound for feature (interest) vectors; None skips.
+        previous: keyrings of earlier masters still accepted (key rotation window).
     """
 
     def __init__(
@@ -186,18 +219,55 @@ class UpdateVerifier:
         emb_dim: int | None = None,
         families: tuple[str, ...] = FAMILIES,
         max_num_examples: int = 100_000,
+        feature_norm_bound: float | None = None,
+        previous: tuple[Keyring, ...] = (),
     ) -> None:
         self.keyring = keyring
         self.max_bytes = max_bytes
         self.max_staleness_versions = max_staleness_versions
-        self.current_model_version = current_model_version
+        self.last_seq: dict[int, int] = {}
+        #: model version of each device's last accepted update, oldest acceptance first (prunes ``last_seq``).
+        self.last_version: dict[int, int] = {}
+        self._version = int(current_model_version)
         self.param_norm_bound = param_norm_bound
         self.n_params = n_params
         self.emb_dim = emb_dim
         self.families = frozenset(families)
         self.max_num_examples = max_num_examples
-        self.last_seq: dict[int, int] = {}
+        self.feature_norm_bound = feature_norm_bound
+        self.previous = tuple(previous)
         self.rejected: dict[str, int] = {r: 0 for r in REASONS}
+        self.accepted_previous_key = 0
+
+    @property
+    def current_model_version(self) -> int:
+        return self._version
+
+    @current_model_version.setter
+    def current_model_version(self, version: int) -> None:
+        """Move to a new model version and forget devices that can no longer replay."""
+        self._version = int(version)
+        self.prune()
+
+    def prune(self) -> int:
+        """Drop per-device replay state that staleness already covers; returns how many.
+
+        A device whose last accepted update was computed against a version older than
+        ``current - max_staleness - 1`` cannot replay it (or anything older: versions do not
+        decrease on a device), since the staleness check rejects it first. This keeps
+        ``last_seq`` bounded by the devices active in the staleness window. ``last_version``
+        is kept in acceptance order, so pruning stops at the first recent entry (amortized O(1)).
+        """
+        floor = self._version - self.max_staleness_versions - _PRUNE_SLACK_VERSIONS
+        n = 0
+        while self.last_version:
+            d, v = next(iter(self.last_version.items()))
+            if v >= floor:
+                break
+            del self.last_version[d]
+            self.last_seq.pop(d, None)
+            n += 1
+        return n
 
     def _reject(self, reason: str, detail: str = "") -> UpdateRejected:
         self.rejected[reason] += 1
@@ -216,9 +286,7 @@ class UpdateVerifier:
             raise self._reject("malformed", f"{type(exc).__name__}: {exc}") from None
         if env.version != ENVELOPE_VERSION:
             raise self._reject("unsupported_version", str(env.version))
-        key = self.keyring.key_for(env.device_id)
-        expected = hmac.new(key, env.signing_bytes(), hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, env.signature):
+        if not self._signed(env):
             raise self._reject("bad_signature", f"device {env.device_id}")
         if env.family not in self.families:
             raise self._reject("unknown_family", env.family)
@@ -227,22 +295,58 @@ class UpdateVerifier:
         if env.model_version > self.current_model_version:
             raise self._reject("stale", f"model {env.model_version} is ahead of {self.current_model_version}")
         if env.num_examples > self.max_num_examples:
-            raise self._reject("malformed", f"num_examples {env.num_examples} > {self.max_num_examples}")
+            raise self._reject("too_many_examples", f"num_examples {env.num_examples} > {self.max_num_examples}")
         last = self.last_seq.get(env.device_id)
         if last is not None and env.seq <= last:
             raise self._reject("replayed", f"seq {env.seq} <= {last}")
         try:
             out = self._content(env, len(raw))
+        except UpdateRejected as exc:
+            raise self._reject(exc.reason, exc.detail) from None
         except PayloadError as exc:
             raise self._reject("malformed", str(exc)) from None
         except Exception as exc:  # a forged payload must never crash the aggregator
             raise self._reject("malformed", f"{type(exc).__name__}: {exc}") from None
-        if out.params is not None and self.param_norm_bound is not None:
-            n = out.params.norm()
-            if not np.isfinite(n) or n > self.param_norm_bound * (1 + 1e-4):
-                raise self._reject("norm_exceeded", f"{n:.4g} > {self.param_norm_bound:.4g}")
+        self._check_contract(out)
         self.last_seq[env.device_id] = env.seq
+        self.last_version.pop(env.device_id, None)  # re-insert at the end: acceptance order
+        self.last_version[env.device_id] = env.model_version
         return out
+
+    def _signed(self, env: Envelope) -> bool:
+        """HMAC check under the current master, then under each previous one (rotation)."""
+        data = env.signing_bytes()
+        for i, ring in enumerate((self.keyring, *self.previous)):
+            expected = hmac.new(ring.key_for(env.device_id), data, hashlib.sha256).digest()
+            if hmac.compare_digest(expected, env.signature):
+                if i:
+                    self.accepted_previous_key += 1
+                return True
+        return False
+
+    def _check_contract(self, out: DecodedUpdate) -> None:
+        """Finite values, a norm within bound, and a direction (feature vectors) for what decoded."""
+        if out.user_vector is not None:
+            vec = np.asarray(out.user_vector, dtype=np.float64)
+            if not np.all(np.isfinite(vec)):
+                raise self._reject("non_finite", "feature vector has inf/nan")
+            n = float(np.linalg.norm(vec))
+            if not np.isfinite(n):
+                raise self._reject("non_finite", "feature vector norm overflows")
+            if n == 0.0:
+                raise self._reject("zero_direction", "feature vector is all zeros")
+            if self.feature_norm_bound is not None and n > self.feature_norm_bound * (1 + 1e-4):
+                raise self._reject("norm_exceeded", f"feature {n:.4g} > {self.feature_norm_bound:.4g}")
+        if out.params is not None:
+            p = out.params
+            finite = bool(np.all(np.isfinite(p.model.values))) and all(bool(np.all(np.isfinite(v))) for v in p.rows.values())
+            if not finite:
+                raise self._reject("non_finite", "parameter update has inf/nan")
+            n = p.norm()
+            if not np.isfinite(n):
+                raise self._reject("non_finite", "parameter norm overflows")
+            if self.param_norm_bound is not None and n > self.param_norm_bound * (1 + 1e-4):
+                raise self._reject("norm_exceeded", f"{n:.4g} > {self.param_norm_bound:.4g}")
 
     def _content(self, env: Envelope, nbytes: int) -> DecodedUpdate:
         base = dict(
@@ -255,13 +359,81 @@ class UpdateVerifier:
             nbytes=nbytes,
         )
         if env.family == "feature":
-            vec = FeatureEncoder.decode(env.payload)
+            with np.errstate(over="ignore", invalid="ignore"):  # a huge scale gives inf: rejected below
+                vec = FeatureEncoder.decode(env.payload)
             if self.emb_dim is not None and len(vec) != self.emb_dim:
-                raise PayloadError(f"user vector width {len(vec)} != {self.emb_dim}")
+                raise UpdateRejected("wrong_shape", f"user vector width {len(vec)} != {self.emb_dim}")
             return DecodedUpdate(**base, user_vector=vec)
         if env.family == "parameter":
-            return DecodedUpdate(**base, params=ParameterEncoder.decode(env.payload, self.n_params, self.emb_dim))
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    params = ParameterEncoder.decode(env.payload, self.n_params, self.emb_dim)
+            except PayloadError as exc:
+                if exc.args and str(exc.args[0]).startswith(("n_params ", "dim ")):
+                    raise UpdateRejected("wrong_shape", str(exc)) from None
+                raise
+            return DecodedUpdate(**base, params=params)
         return DecodedUpdate(**base, examples=DataEncoder.decode(env.payload))
+
+
+#: Norm of an honest interest vector: a weighted mean of L2-normalized item embeddings has
+#: norm <= 1; the default bound leaves room for embeddings that are not normalized.
+FEATURE_NORM_FLOOR: Final[float] = 4.0
+
+
+def make_verifier(
+    keyring: Keyring,
+    n_params: int,
+    emb_dim: int,
+    device_config: "DeviceConfig | None" = None,
+    *,
+    max_staleness_versions: int = 2,
+    current_model_version: int = 0,
+    previous: tuple[Keyring, ...] = (),
+    max_bytes: int = 64 * 1024,
+    families: tuple[str, ...] = FAMILIES,
+) -> UpdateVerifier:
+    """The one way the evaluation and the services build a verifier: with the full contract.
+
+    The bounds come from the devices' own configuration, so an honest update always passes
+    and anything outside what an honest device can send is rejected:
+
+    * parameter norm: ``device_config.parameter.send_bound(n_params, emb_dim)`` (clip + noise tail);
+    * feature norm: ``max(FEATURE_NORM_FLOOR, clip_norm)`` plus the noise tail when features are noised;
+    * ``num_examples``: at most what a device can hold (history, example buffer, data cap);
+    * widths: ``n_params`` and ``emb_dim`` exactly.
+
+    Args:
+        keyring: the current master's keyring.
+        n_params: flat size of the shared reranker (``Reranker.num_parameters()``).
+        emb_dim: embedding width the cloud serves.
+        device_config: the devices' configuration (default ``DeviceConfig()``).
+        max_staleness_versions: accepted lag of an update's model version.
+        current_model_version: the cloud's model version now.
+        previous: keyrings of earlier masters accepted during a rotation.
+        max_bytes: envelope size limit.
+        families: accepted families.
+    """
+    from device_rerank.config import DeviceConfig
+
+    cfg = device_config or DeviceConfig()
+    fc = cfg.feature
+    sigma = fc.noise_multiplier * fc.clip_norm
+    feature_bound = max(FEATURE_NORM_FLOOR, fc.clip_norm) + sigma * (emb_dim**0.5 + cfg.parameter.tail_sigmas)
+    max_examples = max(cfg.history_len, cfg.example_buffer, cfg.data.max_examples, 1)
+    return UpdateVerifier(
+        keyring,
+        max_bytes=max_bytes,
+        max_staleness_versions=max_staleness_versions,
+        current_model_version=current_model_version,
+        param_norm_bound=cfg.parameter.send_bound(n_params, emb_dim),
+        n_params=n_params,
+        emb_dim=emb_dim,
+        families=families,
+        max_num_examples=max_examples,
+        feature_norm_bound=feature_bound,
+        previous=previous,
+    )
 
 
 def verify(envelope_bytes: bytes, verifier: UpdateVerifier) -> DecodedUpdate:

@@ -4,8 +4,10 @@ Why: transports redeliver whatever was polled but not committed when a process
 dies, so handlers see some records twice; and one malformed record must not
 stop a stream. ``process_stream`` decodes each record, sends what cannot be
 processed to ``<topic>.dlq`` with a reason, drops events already seen (by
-``event_id``), hands the rest to the handler, and commits only after the
-handler and the dead letters are done.
+``event_id`` with the same content), dead-letters an event whose id was seen with
+other content (an id collision between sources: never dropped silently), hands
+the rest to the handler, and commits only after the handler and the dead letters
+are done.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable, Iterable
 import msgspec
 import numpy as np
 
-from streams.batch import EventBatch, decode_record, encode_batch
+from streams.batch import EventBatch, content_digest, decode_record, encode_batch
 from streams.schema import SchemaError
 from streams.transport import Consumer, Record, Transport
 
@@ -123,6 +125,7 @@ class _SeenState(msgspec.Struct):
     max_keys: int
     recent: list[int]
     hwm: list[tuple[str, int]]
+    digests: list[int] = []  # content digest per ``recent`` id (0: unknown, e.g. an older state)
 
 
 class SeenIds:
@@ -131,7 +134,9 @@ class SeenIds:
     Two mechanisms:
       * a recent set of ids (event ids), evicting the oldest past ``capacity``.
         Redeliveries come from the last uncommitted polls, so a window of a few
-        hundred thousand ids covers them at bounded memory;
+        hundred thousand ids covers them at bounded memory. Each id keeps the digest of
+        its content (``streams.batch.content_digest``), so the same id with other
+        content is told apart as a collision (``conflict_mask``);
       * a high-water mark per key, for ids that grow per key (a device's update
         ``seq``): anything at or below the mark is a duplicate, with O(1) memory
         per key (at most ``max_keys`` keys, least recently used evicted).
@@ -145,7 +150,7 @@ class SeenIds:
             raise ValueError("capacity and max_keys must be >= 1")
         self.capacity = capacity
         self.max_keys = max_keys
-        self._set: set[int] = set()
+        self._set: dict[int, int] = {}  # id -> content digest (0: not known)
         self._order: deque[int] = deque()
         self._hwm: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
@@ -170,16 +175,31 @@ class SeenIds:
                 local.add(v)
         return mask
 
-    def add(self, ids: np.ndarray | Iterable[int]) -> None:
-        """Remember ids (call after they were processed)."""
+    def conflict_mask(self, ids: np.ndarray | Iterable[int], digests: np.ndarray | Iterable[int]) -> np.ndarray:
+        """True where an id is remembered (or repeated earlier in ``ids``) with another content digest."""
         values = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+        dig = digests.tolist() if isinstance(digests, np.ndarray) else [int(d) for d in digests]
+        out = np.zeros(len(values), dtype=bool)
+        local: dict[int, int] = {}
+        for i, (v, d) in enumerate(zip(values, dig)):
+            known = self._set.get(v, local.get(v))
+            if known is None:
+                local[v] = d
+            elif known and d and known != d:
+                out[i] = True
+        return out
+
+    def add(self, ids: np.ndarray | Iterable[int], digests: np.ndarray | Iterable[int] | None = None) -> None:
+        """Remember ids, with their content digests when given (call after they were processed)."""
+        values = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+        dig = [0] * len(values) if digests is None else (digests.tolist() if isinstance(digests, np.ndarray) else list(digests))
         with self._lock:
-            for v in values:
+            for v, d in zip(values, dig):
                 if v not in self._set:
-                    self._set.add(v)
+                    self._set[v] = int(d)
                     self._order.append(v)
             while len(self._order) > self.capacity:
-                self._set.discard(self._order.popleft())
+                self._set.pop(self._order.popleft(), None)
 
     def filter_new(self, ids: np.ndarray | Iterable[int]) -> np.ndarray:
         """``new_mask`` and ``add`` in one step (when processing cannot fail in between)."""
@@ -209,7 +229,8 @@ class SeenIds:
     # -- checkpoint ---------------------------------------------------------------
     def to_bytes(self) -> bytes:
         with self._lock:
-            state = _SeenState(self.capacity, self.max_keys, list(self._order), list(self._hwm.items()))
+            order = list(self._order)
+            state = _SeenState(self.capacity, self.max_keys, order, list(self._hwm.items()), [self._set[i] for i in order])
         return msgspec.msgpack.encode(state)
 
     @classmethod
@@ -219,7 +240,7 @@ class SeenIds:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise SchemaError(f"corrupt SeenIds state: {exc}") from None
         out = cls(state.capacity, state.max_keys)
-        out.add(state.recent)
+        out.add(state.recent, state.digests if len(state.digests) == len(state.recent) else None)
         for k, v in state.hwm:
             out._hwm[k] = v
         return out
@@ -247,12 +268,13 @@ class StreamStats:
     events: int = 0  # events handed to the handler
     dead_records: int = 0  # whole records dead-lettered
     dead_rows: int = 0  # single bad rows dead-lettered
-    duplicates: int = 0  # events skipped as already seen
+    duplicates: int = 0  # events skipped as already seen (same id, same content)
+    collisions: int = 0  # events dead-lettered: id seen with other content
     commits: int = 0
 
     @property
     def dead_lettered(self) -> int:
-        return self.dead_records + self.dead_rows
+        return self.dead_records + self.dead_rows + self.collisions
 
 
 def process_stream(
@@ -328,13 +350,25 @@ def _process_one(rec: Record, handler: Callable[[EventBatch], object], dead_lett
             dead_letters.rows(rec, raw, bad)
     if len(batch) == 0:
         return
+    digests = content_digest(batch)
+    clash = seen.conflict_mask(batch.event_id, digests)
+    if clash.any():
+        rows = np.flatnonzero(clash)
+        stats.collisions += len(rows)
+        log.warning("%d event id collisions in %s[%d]@%d (same id, other content)", len(rows), rec.topic, rec.partition, rec.offset)
+        if dead_letters is not None:
+            reason = "event_id collision: id already seen with other content"
+            raw_rows = np.setdiff1d(np.arange(len(raw)), np.array([r for r, _ in bad], dtype=np.int64))[rows]
+            dead_letters.rows(rec, raw, [(int(r), reason) for r in raw_rows])
+        keep = ~clash
+        batch, digests = batch.take(keep), digests[keep]
     mask = seen.new_mask(batch.event_id)
     dups = int(len(mask) - mask.sum())
     if dups:
         stats.duplicates += dups
-        batch = batch.take(mask)
+        batch, digests = batch.take(mask), digests[mask]
     if len(batch) == 0:
         return
     handler(batch)
-    seen.add(batch.event_id)
+    seen.add(batch.event_id, digests)
     stats.events += len(batch)

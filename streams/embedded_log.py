@@ -15,8 +15,10 @@ Frame (little-endian)::
 covers the same bytes. Offsets are the record index within a partition. On open
 every partition is scanned once into an offset -> file-position index; a torn
 tail (partial frame, bad crc on the last frame, or zero fill) is truncated with
-a warning, while a bad frame followed by valid data is reported as corruption
-rather than silently dropped.
+a warning. A bad frame with any valid frame after it (a flipped length byte, say)
+is not a torn tail: the log refuses to open with an error naming the byte and the
+salvage command (``python -m streams.embedded_log salvage <root or .log file>``,
+or ``salvage_partition``), and never truncates acknowledged records.
 
 Each frame is written with one ``os.write`` on an ``O_APPEND`` descriptor, so a
 process killed with SIGKILL leaves at most one torn frame, and several
@@ -120,6 +122,96 @@ def _scan(buf: memoryview, start: int, base: int) -> _ScanResult:
     return _ScanResult(positions, base + pos, None)
 
 
+def _next_valid_frame(buf: memoryview, start: int) -> int | None:
+    """Position of the first complete, crc-valid frame at or after ``start`` (None if none).
+
+    Candidate positions are filtered with numpy (plausible length that fits the buffer,
+    plausible key length) before any crc is computed, so scanning a torn tail stays cheap.
+    """
+    n = len(buf)
+    last = n - _FRAME.size  # last position where a header fits
+    if start > last:
+        return None
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    pos = np.arange(start, last + 1, dtype=np.int64)
+
+    def u32(at: np.ndarray) -> np.ndarray:
+        return (raw[at].astype(np.uint32) | (raw[at + 1].astype(np.uint32) << 8)
+                | (raw[at + 2].astype(np.uint32) << 16) | (raw[at + 3].astype(np.uint32) << 24))  # fmt: skip
+
+    length = u32(pos).astype(np.int64)
+    ok = (length >= _FRAME.size - _HEAD) & (length <= MAX_RECORD_BYTES) & (pos + _HEAD + length <= n)
+    pos, length = pos[ok], length[ok]
+    keylen = u32(pos + 16).astype(np.int64)
+    keylen = np.where(keylen >= 2**31, keylen - 2**32, keylen)
+    ok = (keylen >= -1) & (keylen <= length - (_FRAME.size - _HEAD))
+    for p, ln in zip(pos[ok].tolist(), length[ok].tolist()):
+        crc = struct.unpack_from("<I", buf, p + 4)[0]
+        if zlib.crc32(buf[p + _HEAD : p + _HEAD + ln]) == crc:
+            return int(p)
+    return None
+
+
+@dataclass(frozen=True)
+class SalvageReport:
+    """What ``salvage_partition`` kept and skipped.
+
+    Args:
+        path: the partition file read; out: the file written.
+        records: valid records copied; skipped: (start, end) byte ranges left out.
+    """
+
+    path: Path
+    out: Path
+    records: int
+    skipped: list[tuple[int, int]]
+
+    @property
+    def skipped_bytes(self) -> int:
+        return sum(e - s for s, e in self.skipped)
+
+
+def salvage_partition(path: Path | str, out: Path | str | None = None, replace: bool = False) -> SalvageReport:
+    """Copy every valid frame of a corrupt partition file, skipping only the bad bytes.
+
+    Args:
+        path: a ``<partition>.log`` file (no process may have it open).
+        out: where to write (default ``<path>.salvaged``).
+        replace: keep the original as ``<path>.corrupt`` and move the salvaged file in its place.
+
+    Offsets after a skipped range shift down by the records lost there; consumer groups that
+    committed past the damage should be reset (the report says where it was).
+    """
+    path = Path(path)
+    dst = Path(out) if out is not None else path.with_name(path.name + ".salvaged")
+    data = path.read_bytes()
+    buf = memoryview(data)
+    pos, kept, skipped = 0, 0, []
+    with open(dst, "wb") as fh:
+        while pos < len(data):
+            res = _scan(buf, pos, 0)
+            if res.positions:
+                fh.write(data[res.positions[0] : res.end])
+                kept += len(res.positions)
+            if res.end >= len(data):
+                break
+            nxt = _next_valid_frame(buf, res.end + 1)
+            skipped.append((res.end, len(data) if nxt is None else nxt))
+            if nxt is None:
+                break
+            pos = nxt
+        fh.flush()
+        os.fsync(fh.fileno())
+    buf.release()
+    if replace:
+        os.replace(path, path.with_name(path.name + ".corrupt"))
+        os.replace(dst, path)
+        dst = path
+    for a, b in skipped:
+        log.warning("%s: salvage skipped bytes %d..%d", path, a, b)
+    return SalvageReport(path, dst, kept, skipped)
+
+
 class _Partition:
     """One partition file: an append descriptor, a read descriptor and the position index."""
 
@@ -181,6 +273,13 @@ class _Partition:
                         frame_end = result.end + _HEAD + length
                         # The last frame with a bad crc (maybe followed by zero fill after a crash) is torn.
                         torn = frame_end >= size or view[frame_end:].tobytes().count(0) == size - frame_end
+                    if torn and result.end < size:
+                        # Torn only if nothing valid follows: a flipped length byte mid-file also
+                        # looks like a frame running past the end, but valid frames come after it.
+                        later = _next_valid_frame(view, result.end + 1)
+                        if later is not None:
+                            torn = False
+                            result.bad_reason = (result.bad_reason or "frame runs past the end") + f"; a valid frame follows at byte {later}"
                 finally:
                     view.release()
         return result, size, torn
@@ -202,7 +301,8 @@ class _Partition:
         if not torn:
             raise TransportError(
                 f"{self.path}: corrupt frame at byte {result.end} ({result.bad_reason}) followed by "
-                f"{size - result.end} more bytes; refusing to truncate a log that is not just torn at the tail"
+                f"{size - result.end} more bytes; refusing to truncate a log that is not just torn at the tail. "
+                f"Stop every process using it, then salvage: python -m streams.embedded_log salvage {self.path}"
             )
         if not exclusive:
             raise TransportError(
@@ -558,3 +658,33 @@ class EmbeddedConsumer(Consumer):
 
     def close(self) -> None:
         self._closed = True
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m streams.embedded_log salvage PATH [--replace]``: PATH is a log root or one .log file."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m streams.embedded_log", description="Embedded log tools.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("salvage", help="copy the valid frames of corrupt partitions, skipping only bad bytes")
+    sp.add_argument("path", type=Path, help="a log root (every topic) or one <partition>.log file")
+    sp.add_argument("--replace", action="store_true", help="keep originals as .corrupt and put salvaged files in place")
+    args = ap.parse_args(argv)
+    if not args.path.exists():
+        ap.exit(2, f"error: {args.path} does not exist\n")
+    files = [args.path] if args.path.is_file() else sorted(args.path.glob("*/*.log"))
+    damaged = 0
+    for f in files:
+        data = f.read_bytes()
+        res = _scan(memoryview(data), 0, 0)
+        if res.end == len(data):
+            continue
+        damaged += 1
+        rep = salvage_partition(f, replace=args.replace)
+        print(f"{f}: kept {rep.records} records, skipped {rep.skipped_bytes} bytes at {rep.skipped} -> {rep.out}")
+    print(f"{len(files)} partition files checked, {damaged} salvaged")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -10,10 +10,16 @@ that needs it arrives.
 Pacing sleeps between time buckets (at least ~0.1 s of wall time each), never
 per event. Every event of the log is produced exactly once, per-user order
 preserved (see streams/producer.py).
+
+Event ids are made unique across sources: loaders number events from 0, so two logs
+replayed into one topic would share ids and the consumers' dedup would drop the second
+log's events as duplicates. Replayed ids carry the source in their top bits
+(``namespaced_ids``): ``source_tag(log.name) << 48 | local id``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from streams.batch import COLUMNS, EventBatch
+from streams.batch import COLUMNS, EventBatch, checked_column
 from streams.datasets.base import EventLog
 from streams.producer import BatchingProducer
 from streams.schema import EventKind
@@ -33,6 +39,28 @@ logger = logging.getLogger(__name__)
 CHUNK_EVENTS = 65_536
 #: Least wall time per paced bucket: fewer, larger sleeps keep pacing cheap and accurate.
 MIN_BUCKET_WALL_S = 0.1
+#: Bits of an event id that hold the loader's own id; the 14 bits above hold the source tag
+#: (ids stay below ``streams.schema.MAX_ID`` = 2^62).
+LOCAL_ID_BITS = 48
+_TAG_BITS = 14
+
+
+def source_tag(name: str) -> int:
+    """A stable 14-bit tag (1..16383) of a source name (BLAKE2b), the top bits of its event ids."""
+    h = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+    return 1 + h % ((1 << _TAG_BITS) - 1)
+
+
+def namespaced_ids(name: str, local_ids: np.ndarray) -> np.ndarray:
+    """``source_tag(name) << 48 | local`` as uint64; ``ValueError`` when a local id needs more than 48 bits.
+
+    Two sources collide only if their tags do (1 in 16383 per pair); then the consumers'
+    dedup sees the same id with other content and dead-letters it (never drops it silently).
+    """
+    ids = np.asarray(local_ids)
+    if len(ids) and (ids.min() < 0 or int(ids.max()) >= 1 << LOCAL_ID_BITS):
+        raise ValueError(f"event ids of {name!r} must lie in [0, 2^{LOCAL_ID_BITS}) to be namespaced")
+    return (np.uint64(source_tag(name)) << np.uint64(LOCAL_ID_BITS)) | ids.astype(np.uint64)
 
 
 @dataclass(frozen=True)
@@ -59,12 +87,15 @@ class ReplaySummary:
     last_ts_ms: int = -1
 
 
-def availability_batch(log_: EventLog, time_range: tuple[int | None, int | None] | None = None) -> EventBatch:
+def availability_batch(
+    log_: EventLog, time_range: tuple[int | None, int | None] | None = None, namespace: bool = True
+) -> EventBatch:
     """STREAM_LIVE at each interval start and STREAM_OFFLINE at its end, time-sorted (user -1).
 
     Args:
         log_: the log whose ``availability`` intervals are turned into events.
         time_range: keep transitions with ``lo <= ts < hi`` (None ends: unbounded), for replaying a slice.
+        namespace: put the source tag in the ids, as ``replay`` does for user events.
 
     Event ids continue after the log's largest event id, so they never collide.
     """
@@ -89,8 +120,9 @@ def availability_batch(log_: EventLog, time_range: tuple[int | None, int | None]
             keep &= ts < hi
         ts, items, kind = ts[keep], items[keep], kind[keep]
     base = int(log_.events.event_id.max()) + 1 if len(log_.events) else 0
+    ids = np.arange(base, base + len(ts), dtype=np.uint64)
     return EventBatch.from_columns(
-        event_id=np.arange(base, base + len(ts), dtype=np.uint64),
+        event_id=namespaced_ids(log_.name, ids) if namespace else ids,
         ts_ms=ts,
         user_id=np.full(len(ts), -1, dtype=np.int64),
         item_id=items,
@@ -141,6 +173,7 @@ def replay(
     progress: bool = True,
     partitions: int = 4,
     availability_range: tuple[int | None, int | None] | None = None,
+    namespace_ids: bool = True,
 ) -> ReplaySummary:
     """Produce every event of ``log`` to ``topic`` and its availability transitions to ``availability_topic``.
 
@@ -155,21 +188,27 @@ def replay(
         partitions: partitions of topics this call creates.
         availability_range: only transitions with ``lo <= ts < hi`` (when replaying a log in slices,
             give each slice its own range so no transition is sent twice).
+        namespace_ids: put the source tag in every event id (``namespaced_ids``) so logs replayed
+            into one topic never share ids; False sends the loader's ids as they are.
     """
     from tqdm import tqdm
 
-    if speed is not None and speed <= 0:
-        raise ValueError(f"speed must be > 0 (or None for as fast as possible), got {speed}")
+    if speed is not None and not (np.isfinite(speed) and speed > 0):
+        raise ValueError(f"speed must be a finite number > 0 (or None for as fast as possible), got {speed}")
+    if batch_size < 1 or partitions < 1:
+        raise ValueError(f"batch_size and partitions must be >= 1, got {batch_size} and {partitions}")
     events = log.events
     transport.create_topic(topic, partitions)
     producer = BatchingProducer(transport, topic, batch_size)
-    avail = availability_batch(log, availability_range) if availability_topic else EventBatch.empty()
+    avail = availability_batch(log, availability_range, namespace_ids) if availability_topic else EventBatch.empty()
     av_producer: BatchingProducer | None = None
     if len(avail):
         assert availability_topic is not None
         transport.create_topic(availability_topic, partitions)
         av_producer = BatchingProducer(transport, availability_topic, batch_size)
-    cols = {name: np.ascontiguousarray(events[name].to_numpy(), dtype=dt) for name, dt in COLUMNS.items()}
+    cols = {name: checked_column(name, events[name].to_numpy(), dt) for name, dt in COLUMNS.items()}
+    if namespace_ids:
+        cols["event_id"] = namespaced_ids(log.name, cols["event_id"])
     ev_ts = cols["ts_ms"]
     if len(ev_ts) > 1 and (np.diff(ev_ts) < 0).any():
         raise ValueError(f"log {log.name!r} is not sorted by ts_ms; finish loaders with finalize_events")

@@ -23,6 +23,51 @@ SCHEMA_VERSION: Final[int] = 1
 MAX_ID: Final[int] = 2**62
 #: A watch longer than a day is a client bug, not behaviour.
 MAX_DWELL_S: Final[float] = 86_400.0
+#: Largest timestamp (ms): year 2286. Seconds read as ms are far below it, microseconds
+#: or nanoseconds read as ms far above it (and overflow int64 arithmetic downstream).
+MAX_TS_MS: Final[int] = 10**13
+#: Ratings (``Rate``) lie in [0, MAX_RATING]; impression positions in [0, MAX_POSITION].
+MAX_RATING: Final[float] = 10.0
+MAX_POSITION: Final[int] = 10_000
+#: Any other scalar payload is finite and at most this large in magnitude.
+MAX_VALUE: Final[float] = 1e9
+
+#: Units a loader's timestamps may be in, and their factor to milliseconds.
+TS_UNITS: Final[dict[str, float]] = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
+
+
+def detect_ts_unit(ts: "Any") -> str:
+    """Guess the unit of epoch timestamps from their magnitude: "s", "ms", "us" or "ns".
+
+    Epoch times since 2001 are ~1e9 s, ~1e12 ms, ~1e15 us, ~1e18 ns, so the median
+    magnitude separates them by three orders. Log-relative times (small numbers) are taken
+    as ms. Loaders call this unless given ``--ts-unit``; ``SchemaError`` when ambiguous.
+    """
+    import numpy as np
+
+    arr = np.asarray(ts, dtype=np.float64)
+    arr = arr[np.isfinite(arr) & (arr > 0)]
+    if len(arr) == 0:
+        return "ms"
+    m = float(np.median(arr))
+    if m < 1e8:
+        return "ms"  # log-relative (or tiny) times: the schema's default unit
+    for unit, lo, hi in (("s", 1e8, 1e11), ("ms", 1e11, 1e14), ("us", 1e14, 1e17), ("ns", 1e17, 1e20)):
+        if lo <= m < hi:
+            return unit
+    raise SchemaError(f"cannot tell the timestamp unit of values around {m:.3g}; pass --ts-unit")
+
+
+def to_ms(ts: "Any", unit: str) -> "Any":
+    """Timestamps in ``unit`` converted to int64 milliseconds (``SchemaError`` if out of range)."""
+    import numpy as np
+
+    if unit not in TS_UNITS:
+        raise SchemaError(f"unknown ts unit {unit!r}; expected one of {sorted(TS_UNITS)}")
+    arr = np.asarray(ts, dtype=np.float64) * TS_UNITS[unit]
+    if len(arr) and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > MAX_TS_MS):
+        raise SchemaError(f"timestamps outside [0, {MAX_TS_MS}] ms after converting from {unit!r}")
+    return np.floor(arr).astype(np.int64)
 
 
 class EventKind(enum.IntEnum):
@@ -58,7 +103,7 @@ class SchemaError(ValueError):
 
 Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
 UserId = Annotated[int, msgspec.Meta(ge=-1, le=MAX_ID)]  # -1: no user (availability events)
-TsMs = Annotated[int, msgspec.Meta(ge=0)]
+TsMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)]
 
 
 class _Base(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True, kw_only=True):
@@ -79,7 +124,7 @@ class _Base(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields
 class Impression(_Base, tag="impression"):
     """The item was shown to the user (position in the feed, when known)."""
 
-    position: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
+    position: Annotated[int, msgspec.Meta(ge=0, le=MAX_POSITION)] = 0
 
     @property
     def value(self) -> float:
@@ -137,7 +182,7 @@ class StreamOffline(_Base, tag="stream_offline"):
 class Rate(_Base, tag="rate"):
     """An explicit rating (MovieLens-style logs)."""
 
-    rating: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 0.0
+    rating: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_RATING)] = 0.0
 
     @property
     def value(self) -> float:

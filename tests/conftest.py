@@ -6,8 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# CI runs the same examples every time (derandomized, no example database on disk), so a
+# property test fails for a reason in the code, not by the luck of the draw. Run
+# ``HYPOTHESIS_PROFILE=explore pytest`` to search new examples locally.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 #: Real logs beside the checkout (absent in a user's fresh clone).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

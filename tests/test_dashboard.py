@@ -125,9 +125,11 @@ def test_charts_render_in_headless_chromium(tmp_path: Path) -> None:
 
 @needs_browser
 @pytest.mark.slow
-def test_demo_end_to_end_with_screenshot(tmp_path: Path) -> None:
+def test_demo_end_to_end_with_screenshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``tandem demo``: replay, cloud, fleet and dashboard in one process; the charts fill up."""
     from tandem.commands.demo import run_demo
+
+    monkeypatch.setenv("TANDEM_DEV_MODE", "1")  # the demo runs without a secret key, announced (devices.master_key)
 
     png = tmp_path / "demo.png"
     summary = run_demo(

@@ -161,7 +161,7 @@ def test_bit_flips_never_accepted(pos: int, mask: int) -> None:
     assert out.device_id == 5 and out.seq == 1
 
 
-def test_inflated_weight_is_malformed() -> None:
+def test_inflated_weight_is_rejected() -> None:
     env = sign(KEYRING.key_for(5), device_id=5, model_version=10, seq=1, family="feature", created_ms=0, num_examples=10**9,
                payload=FeatureEncoder.encode(np.ones(DIM)))
-    assert rejected(verifier(), env.encode()) == "malformed"
+    assert rejected(verifier(), env.encode()) == "too_many_examples"

@@ -293,7 +293,7 @@ def test_malformed_forged_and_oversized_updates(broker_process, tmp_path: Path) 
 
     def env(device: int, seq: int, scale: float = 1.0) -> bytes:
         return sign_update(KEY, device_id=device, model_version=0, seq=seq, family="feature", created_ms=1,
-                           num_examples=2, payload=FeatureEncoder.encode(np.full(16, scale, np.float32)))
+                           num_examples=2, payload=FeatureEncoder.encode(np.full(32, scale / 8, np.float32)))  # the gate checks width 32 and norm
 
     good = [env(d, 1) for d in range(6)] + [env(0, 2)]
     for raw in good:

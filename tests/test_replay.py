@@ -15,7 +15,7 @@ from streams.batch import EventBatch, decode_record
 from streams.datasets.base import EventLog, finalize_events
 from streams.datasets.synthetic import SyntheticConfig, generate
 from streams.producer import BatchingProducer, partitions_for, routing_keys
-from streams.replay import availability_batch, replay
+from streams.replay import LOCAL_ID_BITS, availability_batch, namespaced_ids, replay, source_tag
 from streams.schema import EventKind
 from streams.transport import Consumer, Record, Transport, partition_for
 
@@ -118,7 +118,8 @@ def test_replay_exact_events_order_and_availability(small_log: EventLog, chunk: 
     assert s.records == len(tr.sequence) and s.bytes > 0 and s.events_per_s > 0
     got = tr.rows("interactions")
     assert len(got) == len(small_log)
-    assert sorted(got.event_id) == sorted(small_log.events.event_id)
+    assert sorted(got.event_id) == sorted(namespaced_ids(small_log.name, small_log.events.event_id.to_numpy()))
+    got["event_id"] = got.event_id.to_numpy() & np.uint64((1 << LOCAL_ID_BITS) - 1)  # the loader's own ids
     assert _per_user(got.sort_values("seq", kind="stable")) == _per_user(small_log.events)
     # the cross-topic contract: a transition at T is produced before any user event at T or later
     av = tr.rows("availability")
@@ -158,6 +159,8 @@ def test_replay_property_any_log(rows, intervals, batch_size: int, partitions: i
         rp.CHUNK_EVENTS = old
     got = tr.rows("interactions")
     assert s.events == len(got) == len(events)
+    assert (got.event_id.to_numpy() >> np.uint64(LOCAL_ID_BITS) == np.uint64(source_tag("p"))).all()
+    got["event_id"] = got.event_id.to_numpy() & np.uint64((1 << LOCAL_ID_BITS) - 1)  # the loader's own ids
     assert _per_user(got.sort_values("seq", kind="stable")) == _per_user(events)
     assert s.availability_events == (2 * len(intervals) if intervals else 0)
     if intervals:
@@ -228,6 +231,7 @@ def test_replay_into_embedded_log_reads_back(tmp_path: Path, small_log: EventLog
                 frames += [decode_record(r.value).to_frame() for r in recs]
         got = pd.concat(frames, ignore_index=True)
         assert len(got) == s.events == len(small_log)
+        got["event_id"] = got.event_id.to_numpy() & np.uint64((1 << LOCAL_ID_BITS) - 1)  # the loader's own ids
         assert _per_user(got) == _per_user(small_log.events)
         pd.testing.assert_frame_equal(
             got.sort_values("event_id").reset_index(drop=True), small_log.events.sort_values("event_id").reset_index(drop=True)

@@ -265,7 +265,7 @@ def _signed(device_id: int, seq: int, version: int, vec=None) -> bytes:
     from device_rerank.encoders import FeatureEncoder
     from tandem.services.devices import sign_update
 
-    vec = np.ones(8, np.float32) if vec is None else vec
+    vec = np.full(32, 1 / 8, np.float32) if vec is None else vec  # the gate checks width (32) and norm
     return sign_update(
         KEY, device_id=device_id, model_version=version, seq=seq, family="feature", created_ms=1, num_examples=3,
         payload=FeatureEncoder.encode(vec),
@@ -286,7 +286,7 @@ def test_updates_verified_deduplicated_and_dead_lettered() -> None:
     t.produce(TOPIC_UPDATES, bytes(forged))
     t.produce(TOPIC_UPDATES, b"\x93" + b"x" * (70 * 1024))  # oversized
     t.produce(TOPIC_UPDATES, _signed(3, 1, v))  # same seq, other bytes? identical -> duplicate
-    t.produce(TOPIC_UPDATES, _signed(4, 1, v, np.full(8, 2.0, np.float32)))  # reused seq, new content -> replayed
+    t.produce(TOPIC_UPDATES, _signed(4, 1, v, np.full(32, 2 / 8, np.float32)))  # reused seq, new content -> replayed
     drain(w)
     assert w.state.updates_applied == 5
     assert w.metrics.counter("updates_duplicate") == 3

@@ -1,5 +1,8 @@
 """Service settings: frozen dataclasses filled from ``TANDEM_*`` environment variables.
 
+Services bind 127.0.0.1 unless told otherwise (``TANDEM_HOST=0.0.0.0`` in containers), and
+no secret has a default: ``TANDEM_DEVICE_KEY`` must be set (or ``TANDEM_DEV_MODE=1``).
+
 Every field ``foo`` of a settings class can be set with ``TANDEM_FOO`` (flags passed to
 ``tandem serve`` override the environment). Dataclasses, not pydantic-settings, so the
 services need no extra dependency.
@@ -95,14 +98,17 @@ class CloudSettings:
         max_pending_updates: device updates buffered before consumption of updates pauses.
         aggregate_batch / aggregate_every_s: aggregate buffered updates when this many are
             pending or the oldest has waited this long (or at a refresh / when idle).
-        device_key: shared HMAC key of device update envelopes (hex or text).
+        device_key: master secret of device update envelopes (hex or text, >= 16 bytes); the
+            service refuses to start without it unless ``dev_mode`` (docs/services.md).
+        device_key_previous: earlier masters still accepted during a key rotation (comma-separated).
+        dev_mode: run with a published insecure key when ``device_key`` is empty (local demos only).
         num_users / num_items / embedding_dim: model capacity (online id maps grow up to these).
         k: candidates per request when the client gives none.
         source: optional log used to warm-start (item categories, availability).
     """
 
     transport: str = "kafka://127.0.0.1:9092"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8000
     engine: str = "twotower"
     group: str = "cloud"
@@ -115,7 +121,9 @@ class CloudSettings:
     max_pending_updates: int = 1_000
     aggregate_batch: int = 256
     aggregate_every_s: float = 1.0
-    device_key: str = "tandem-dev-master-key"
+    device_key: str = ""
+    device_key_previous: str = ""
+    dev_mode: bool = False
     num_users: int = 100_000
     num_items: int = 50_000
     embedding_dim: int = 32
@@ -137,14 +145,16 @@ class FleetSettings:
         family: update family ("feature" | "parameter" | "data").
         max_devices: devices kept in memory (least recently used are dropped).
         k: candidates fetched per device refresh.
+        device_key / dev_mode: as ``CloudSettings`` (devices sign with keys derived from it).
     """
 
     transport: str = "kafka://127.0.0.1:9092"
     cloud_url: str = "http://127.0.0.1:8000"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8001
     group: str = "fleet"
-    device_key: str = "tandem-dev-master-key"
+    device_key: str = ""
+    dev_mode: bool = False
     update_every: int = 20
     family: str = "feature"
     max_devices: int = 5_000
@@ -166,7 +176,7 @@ class ReplayerSettings:
     """
 
     transport: str = "kafka://127.0.0.1:9092"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8002
     source: str = "synthetic"
     events: int = 20_000
@@ -186,7 +196,7 @@ class DashboardSettings:
         poll_s: how often the dashboard scrapes its sources.
     """
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8080
     sources: tuple[str, ...] = field(default_factory=tuple)
     poll_s: float = 1.0
@@ -203,6 +213,7 @@ SETTINGS_BY_SERVICE: dict[str, type] = {
 def as_dict(settings: Any) -> dict[str, Any]:
     """Plain dict of a settings object (secrets masked) for logs and /healthz."""
     out = dataclasses.asdict(settings)
-    if "device_key" in out:
-        out["device_key"] = "***"
+    for secret in ("device_key", "device_key_previous"):
+        if out.get(secret):
+            out[secret] = "***"
     return out

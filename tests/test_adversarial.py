@@ -1,0 +1,330 @@
+"""Adversarial cases of the hardening issue (#14), one named test per bullet, each asserting
+the clean outcome: a clear error, a 4xx, or a rejection/dead letter with its reason.
+
+The catalogue in bench/adversarial_catalogue.py is also run case by case here, so the
+fraction the bench prints (must be 100%) is a test result, not a claim.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+from cloud_recsys.aggregate import DEFAULT_RULE, Aggregator, AggregatorConfig, clip_by_norm, combine, coordinate_median, fedavg, krum, trimmed_mean
+from device_rerank.encoders import FeatureEncoder
+from device_rerank.envelope import Keyring, UpdateVerifier, hkdf_sha256, make_verifier, sign
+from streams.batch import EventBatch
+from streams.delivery import SeenIds
+from streams.replay import namespaced_ids, replay, source_tag
+from streams.schema import MAX_TS_MS, detect_ts_unit, to_ms, SchemaError
+from tandem.services.devices import KeyConfigError, UpdateGate, master_key
+from tandem.services.settings import CloudSettings, DashboardSettings, FleetSettings, ReplayerSettings, as_dict
+
+_BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+catalogue = _load("adversarial_catalogue")
+bench = _load("bench_robust_aggregation")
+D = 32
+
+
+# -- 1. keys ----------------------------------------------------------------------------
+def test_keys_no_key_in_code_service_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TANDEM_DEV_MODE", raising=False)
+    assert CloudSettings().device_key == "" and FleetSettings().device_key == ""
+    with pytest.raises(KeyConfigError, match="TANDEM_DEVICE_KEY is not set"):
+        UpdateGate(CloudSettings().device_key)
+    with pytest.raises(KeyConfigError, match="published default"):
+        master_key("tandem-dev-master-key")
+
+
+def test_keys_dev_mode_is_explicit_and_announced(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("TANDEM_DEV_MODE", "1")
+    with caplog.at_level(logging.WARNING):
+        key = master_key("")
+    assert len(key) == 32 and any("DEV MODE" in m for m in caplog.messages)
+
+
+def test_keys_hkdf_matches_rfc5869_test_case_1() -> None:
+    okm = hkdf_sha256(bytes([0x0B] * 22), bytes(range(13)), bytes(range(0xF0, 0xFA)), 42)
+    assert okm.hex() == "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+
+
+def test_keys_per_device_keys_differ_and_do_not_sign_for_another_device() -> None:
+    ring = Keyring(b"m" * 32)
+    assert len({ring.key_for(d) for d in range(100)}) == 100
+    assert catalogue.run_case("keys_forged_other_device")[0]
+
+
+def test_keys_rotation_accepts_two_masters_during_the_switch() -> None:
+    old, new = "old-master-secret-000000000000", "new-master-secret-111111111111"
+    vec = FeatureEncoder.encode(np.full(D, 0.1, np.float32))
+    during = UpdateGate(new, previous_keys=old, dev_mode=False)
+    from tandem.services.devices import sign_update
+
+    def env(key: str, device: int) -> bytes:
+        return sign_update(key, dev_mode=False, device_id=device, model_version=0, seq=1, family="feature", created_ms=1,
+                           num_examples=2, payload=vec)  # fmt: skip
+
+    during.verify(env(old, 1))  # a device not yet moved
+    during.verify(env(new, 2))
+    assert during.verifier.accepted_previous_key == 1
+    after = UpdateGate(new, previous_keys="", dev_mode=False)
+    assert catalogue._rejected(env(old, 3), "bad_signature", after)
+
+
+def test_keys_services_bind_localhost_and_mask_secrets() -> None:
+    for cls in (CloudSettings, FleetSettings, ReplayerSettings, DashboardSettings):
+        assert cls().host == "127.0.0.1"
+    shown = as_dict(CloudSettings(device_key="secret-secret-secret", device_key_previous="older-older-older"))
+    assert shown["device_key"] == "***" and shown["device_key_previous"] == "***"
+
+
+# -- 2. the gate enforces the contract ----------------------------------------------------------
+@pytest.mark.parametrize("case", [
+    "gate_feature_scale_3e38", "gate_feature_width_7", "gate_feature_width_124", "gate_feature_all_zero",
+    "gate_feature_huge_norm", "gate_param_inf", "gate_param_norm_2e30", "gate_param_wrong_n_params",
+    "gate_param_wrong_dim", "gate_num_examples_100k",
+])  # fmt: skip
+def test_gate_rejects_contract_violations_with_a_counted_reason(case: str) -> None:
+    ok, what = catalogue.run_case(case)
+    assert ok, what
+    assert what.startswith("rejected: ")
+
+
+def test_gate_accepts_honest_updates() -> None:
+    from device_rerank.config import DeviceConfig
+    from device_rerank.encoders import ParameterEncoder
+
+    g = UpdateGate("honest-master-key-0123456789", dev_mode=False, previous_keys="")
+    n = g.verifier.n_params
+    rng = np.random.default_rng(0)
+    vec = rng.normal(size=(20, D))
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    interest = vec.mean(axis=0).astype(np.float32)  # a mean of normalized item embeddings
+    enc = ParameterEncoder(DeviceConfig().parameter, n, D)
+    payload, _ = enc.encode(rng.normal(size=n).astype(np.float32) * 5, {3: rng.normal(size=D).astype(np.float32)}, rng)
+    from tandem.services.devices import sign_update
+
+    for seq, (family, p, ne) in enumerate([("feature", FeatureEncoder.encode(interest), 50), ("parameter", payload, 64)], 1):
+        out = g.verifier.verify(sign_update("honest-master-key-0123456789", dev_mode=False, device_id=1, model_version=0,
+                                            seq=seq, family=family, created_ms=1, num_examples=ne, payload=p))  # fmt: skip
+        assert out.family == family
+    assert sum(g.rejected.values()) == 0
+
+
+def test_make_verifier_is_the_one_contract() -> None:
+    v = make_verifier(Keyring(b"k" * 32), n_params=100, emb_dim=16, max_staleness_versions=1)
+    assert isinstance(v, UpdateVerifier)
+    assert (v.n_params, v.emb_dim, v.max_staleness_versions) == (100, 16, 1)
+    assert v.param_norm_bound is not None and v.feature_norm_bound is not None and v.max_num_examples <= 1000
+
+
+# -- 3. robust aggregation on sparse updates --------------------------------------------------------
+def test_sparse_robust_rules_match_fedavg_without_poison() -> None:
+    """On main, with 50 of 500 coordinates sent and no poison, the median returned zeros."""
+    rng = np.random.default_rng(1)
+    x, mask, w = bench.honest_round(rng, 100, 500, 50)
+    ref = fedavg(x, w)
+    for agg in (coordinate_median(x, mask), trimmed_mean(x, 0.1, mask), combine(x, w, DEFAULT_RULE, mask=mask)):
+        assert np.linalg.norm(agg - ref) / np.linalg.norm(ref) < 0.2
+    # random supports (each device sends 50 of 500 coordinates): the unsent zeros outvote the senders
+    g = rng.normal(size=500)
+    mask = np.zeros((100, 500), dtype=bool)
+    for i in range(100):
+        mask[i, rng.choice(500, 50, replace=False)] = True
+    x = np.where(mask, g + rng.normal(scale=0.3, size=(100, 500)), 0.0)
+    ref = fedavg(x)
+    assert not np.any(coordinate_median(x)), "counting unsent coordinates as 0 returns zeros"
+    assert np.linalg.norm(trimmed_mean(x, 0.1) - ref) / np.linalg.norm(ref) > 0.5, "and loses most of the trimmed mean"
+    for agg in (coordinate_median(x, mask), trimmed_mean(x, 0.1, mask)):
+        assert np.linalg.norm(agg - ref) / np.linalg.norm(ref) < 0.2
+
+
+@pytest.mark.parametrize("attack", ["huge-norm", "sign-flip", "constant"])
+def test_default_rule_within_half_of_honest_at_10_percent(attack: str) -> None:
+    assert bench.deviation(DEFAULT_RULE, attack, 0.1, 100, 500, 50, seeds=3) <= 0.5
+    assert bench.deviation("fedavg", attack, 0.1, 100, 500, 50, seeds=3) > 1.0, "the attack must hurt FedAvg"
+
+
+@pytest.mark.parametrize("attack", ["huge-norm", "sign-flip", "constant"])
+def test_default_rule_within_half_of_honest_at_30_percent(attack: str) -> None:
+    assert bench.deviation(DEFAULT_RULE, attack, 0.3, 100, 500, 50, seeds=3) <= 0.5
+
+
+def test_krum_picks_an_honest_update_and_clipping_bounds_norms() -> None:
+    rng = np.random.default_rng(2)
+    honest = rng.normal(size=(8, 10)) * 0.1 + 1.0
+    bad = np.full((2, 10), 1e6)
+    x = np.vstack([bad, honest])
+    assert np.abs(krum(x, 2) - 1.0).max() < 0.5
+    assert np.all(np.linalg.norm(clip_by_norm(x, 3.0), axis=1) <= 3.0 + 1e-9)
+    assert AggregatorConfig().rule == DEFAULT_RULE
+
+
+# -- 4. no silent loss -----------------------------------------------------------------------------
+def test_event_ids_unique_across_sources_replayed_into_one_topic(tmp_path: Path) -> None:
+    """On main, the synthetic world then MovieLens in one topic dropped 23,346 acknowledged ratings."""
+    from streams.datasets.base import EventLog, finalize_events
+    from streams.delivery import DeadLetter, process_stream
+    from streams.embedded_log import EmbeddedLog
+    import pandas as pd
+
+    def log(name: str, seed: int) -> EventLog:
+        r = np.random.default_rng(seed)
+        ev = pd.DataFrame({"ts_ms": np.sort(r.integers(0, 10**6, 300)), "user_id": r.integers(0, 20, 300),
+                           "item_id": r.integers(0, 50, 300), "value": 4.0, "kind": 9})  # fmt: skip
+        return EventLog(name=name, events=finalize_events(ev))
+
+    a, b = log("synthetic", 0), log("movielens", 1)
+    assert set(a.events.event_id) & set(b.events.event_id), "the loaders' ids overlap"
+    t = EmbeddedLog(tmp_path)
+    for lg in (a, b):
+        replay(lg, t, availability_topic=None, progress=False, partitions=2)
+    got: list[int] = []
+    c = t.consumer("interactions", "cloud")
+    stats = process_stream(c, lambda bt: got.extend(bt.event_id.tolist()), DeadLetter(t), idle_timeout_s=0.2, poll_timeout_s=0.05)
+    t.close()
+    assert len(got) == len(set(got)) == 600 and stats.duplicates == 0 and stats.collisions == 0
+    assert source_tag("synthetic") != source_tag("movielens")
+
+
+def test_id_collision_with_other_content_goes_to_the_dead_letters() -> None:
+    ok, what = catalogue.run_case("id_collision_other_content")
+    assert ok, what
+
+
+def test_embedded_log_never_truncates_past_a_valid_frame_and_salvages() -> None:
+    ok, what = catalogue.run_case("log_flipped_length_byte")
+    assert ok, what
+
+
+# -- 5. bounds everywhere ----------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [
+    "event_ts_1e17_seconds", "event_ts_int64_max", "event_id_1e20", "event_user_2_63", "event_rating_inf",
+    "event_rating_1e30", "event_rating_11", "event_json_ts_huge",
+])  # fmt: skip
+def test_events_out_of_bounds_are_refused_with_a_reason(case: str) -> None:
+    ok, what = catalogue.run_case(case)
+    assert ok, what
+
+
+def test_timestamp_unit_is_detected_or_demanded() -> None:
+    assert [detect_ts_unit([1.6e9]), detect_ts_unit([1.6e12]), detect_ts_unit([1.6e15]), detect_ts_unit([1.6e18])] == ["s", "ms", "us", "ns"]
+    assert to_ms(np.array([1_600_000_000]), "s").tolist() == [1_600_000_000_000]
+    with pytest.raises(SchemaError):
+        to_ms(np.array([1.6e12]), "s")  # milliseconds declared as seconds: the year 52,000
+    assert MAX_TS_MS == 10**13
+
+
+@pytest.mark.parametrize("case", ["wire_bomb_declared_size", "wire_bomb_no_declared_size", "wire_truncated", "wire_unknown_flags"])
+def test_wire_records_check_their_size_before_decompressing(case: str) -> None:
+    ok, what = catalogue.run_case(case)
+    assert ok, what
+
+
+@pytest.mark.parametrize("case", ["http_user_id_2_63", "http_batch_user_id_2_63", "http_k_negative", "http_body_10mb", "http_service_user_2_63"])
+def test_http_bounds(case: str) -> None:
+    ok, what = catalogue.run_case(case)
+    assert ok, what
+
+
+def test_valid_events_still_pass() -> None:
+    b = EventBatch.from_columns(event_id=[1, 2], ts_ms=[1_600_000_000_000, 0], user_id=[3, -1], item_id=[4, 5],
+                                value=[4.5, 0.0], kind=[9, 7])  # fmt: skip
+    good, bad = b.validate()
+    assert len(good) == 2 and bad == []
+
+
+# -- 6. bounded memory ----------------------------------------------------------------------------------
+def test_verifier_replay_state_is_pruned_once_staleness_covers_it() -> None:
+    ring = Keyring(b"p" * 32)
+    v = make_verifier(ring, n_params=10, emb_dim=D, max_staleness_versions=2)
+    for d in range(50):
+        v.verify(sign(ring.key_for(d), device_id=d, model_version=0, seq=1, family="feature", created_ms=1, num_examples=1,
+                      payload=FeatureEncoder.encode(np.full(D, 0.1, np.float32))).encode())  # fmt: skip
+    assert len(v.last_seq) == 50
+    v.current_model_version = 3
+    assert len(v.last_seq) == 50, "still inside the staleness window"
+    v.current_model_version = 4
+    assert len(v.last_seq) == 0 and len(v.last_version) == 0
+    old = sign(ring.key_for(0), device_id=0, model_version=0, seq=1, family="feature", created_ms=1, num_examples=1,
+               payload=FeatureEncoder.encode(np.full(D, 0.1, np.float32)))  # fmt: skip
+    with pytest.raises(Exception, match="stale"):  # the pruned device cannot replay: its update is stale
+        v.verify(old.encode())
+
+
+def test_gate_tells_redelivery_from_replay_with_bounded_memory() -> None:
+    from tandem.services.devices import RECENT_PER_DEVICE, sign_update
+
+    key = "gate-dedup-master-key-000000000"
+    g = UpdateGate(key, dev_mode=False, previous_keys="", max_staleness_versions=1)
+
+    def env(device: int, seq: int, x: float = 0.1) -> bytes:
+        return sign_update(key, dev_mode=False, device_id=device, model_version=g.verifier.current_model_version, seq=seq,
+                           family="feature", created_ms=1, num_examples=1, payload=FeatureEncoder.encode(np.full(D, x, np.float32)))  # fmt: skip
+
+    first = env(1, 1)
+    assert not g.is_duplicate(first)
+    g.verify(first)
+    assert g.is_duplicate(first), "an exact redelivery is a duplicate"
+    assert not g.is_duplicate(env(1, 1, 0.2)), "same seq, other content is a replay (verify rejects it)"
+    for seq in range(2, 2 + 2 * RECENT_PER_DEVICE):
+        g.verify(env(1, seq))
+    assert len(g.recent[1]) == RECENT_PER_DEVICE
+    restored = UpdateGate(key, dev_mode=False, previous_keys="")
+    restored.load_state(g.state())
+    assert restored.is_duplicate(env(1, 1 + 2 * RECENT_PER_DEVICE))
+    g.set_model_version(3)  # device 1's last update (version 0) is now beyond staleness
+    assert g.recent == {} and g.verifier.last_seq == {}
+
+
+def test_aggregator_dedup_keeps_one_seq_per_device_bounded() -> None:
+    from device_rerank.envelope import DecodedUpdate
+
+    agg = Aggregator(AggregatorConfig(max_devices=10))
+
+    class T:
+        def set_user_vectors(self, v):  # type: ignore[no-untyped-def]
+            pass
+
+    ups = [DecodedUpdate(device_id=d, seq=s, family="feature", model_version=0, num_examples=1, created_ms=s, nbytes=1,
+                         user_vector=np.ones(D, np.float32)) for d in range(30) for s in (1, 2)]  # fmt: skip
+    s1 = agg.aggregate_round(1, ups, T())  # type: ignore[arg-type]
+    assert s1.applied == 60 and len(agg.applied_seq) == 10
+    s2 = agg.aggregate_round(2, ups[-4:], T())  # type: ignore[arg-type]
+    assert s2.duplicates == 4 and s2.applied == 0
+
+
+def test_seen_ids_bounded_with_digests() -> None:
+    s = SeenIds(capacity=5)
+    s.add(np.arange(20), np.arange(20) + 100)
+    assert len(s) == 5 and 19 in s and 0 not in s
+    back = SeenIds.from_bytes(s.to_bytes())
+    assert back.conflict_mask([19], [999]).tolist() == [True] and back.conflict_mask([19], [119]).tolist() == [False]
+
+
+# -- 7. deterministic CI ----------------------------------------------------------------------------------
+def test_hypothesis_profile_is_derandomized_without_a_database() -> None:
+    assert settings.default.derandomize is True and settings.default.database is None
+
+
+# -- the whole catalogue: 100% clean ------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(catalogue.CASES))
+def test_catalogue_case_is_handled_cleanly(case: str) -> None:
+    ok, what = catalogue.run_case(case)
+    assert ok, f"{case}: {what}"
