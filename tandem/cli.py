@@ -51,6 +51,9 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:  # torch warns about its own tracing internals from every forked worker
+        for name in ("torch", "torch.fx._symbolic_trace"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if not verbose:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.*")
