@@ -48,12 +48,15 @@ def _version_callback(value: bool) -> None:
 def setup_logging(verbose: bool) -> None:
     """WARNING by default, DEBUG with -v; replaces handlers a library may have installed."""
     level = logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, force=True)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not verbose:  # torch warns about its own tracing internals from every forked worker
         for name in ("torch", "torch.fx._symbolic_trace"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # kafka-python logs every reconnect try; Tandem reports an unreachable broker itself, once
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
     if not verbose:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.*")

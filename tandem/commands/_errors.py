@@ -77,7 +77,7 @@ def _is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, (UserError, FileNotFoundError, PermissionError, ConnectionError, KeyError, ValueError)):
         return True
     name = type(exc).__name__
-    return name in ("NoBrokersAvailable", "KafkaConnectionError", "KafkaTimeoutError")
+    return name in ("NoBrokersAvailable", "KafkaConnectionError", "KafkaTimeoutError", "TransportError")
 
 
 def _message(exc: BaseException) -> str:
@@ -128,3 +128,24 @@ def guard_app(app: typer.Typer) -> None:
     for group in app.registered_groups:
         if group.typer_instance is not None:
             guard_app(group.typer_instance)
+
+
+def check_broker(url: str, timeout_s: float = 3.0) -> None:
+    """For a ``kafka://host:port[,host:port]`` URL, fail in one line unless some broker accepts a TCP connection.
+
+    Why: kafka-python retries a dead bootstrap for a minute, logging every try; a user who forgot
+    to start the broker should learn it at once. Other URLs pass unchecked.
+    """
+    import socket
+
+    if not url.startswith("kafka://"):
+        return
+    hosts = [h for h in url[len("kafka://") :].split("/")[0].split(",") if h]
+    for hostport in hosts:
+        host, _, port = hostport.rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+                return
+        except (OSError, ValueError):
+            continue
+    fail(f"no Kafka broker answers at {url} (start one, or use the embedded log: --transport embedded:runs/log)")

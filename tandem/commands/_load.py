@@ -79,6 +79,32 @@ def load_or_exit(source: str, console: Console, **opts: Any) -> EventLog:
         raise typer.Exit(2) from None
 
 
+SPEED_HELP = "replay pace: max (as fast as possible) or time compression, e.g. 3600x or 60"
+
+
+def parse_speed(text: str | None) -> float | None:
+    """``max`` / ``0`` / empty -> None (as fast as possible); ``3600x`` or ``3600`` -> 3600.0.
+
+    The one ``--speed`` of every command (replay, demo, serve replayer).
+    """
+    import math
+
+    if text is None:
+        return None
+    t = str(text).strip().lower()
+    if t in ("", "max", "0", "0x", "inf", "none"):
+        return None
+    if t.endswith("x"):
+        t = t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use max, 3600x or a number", param_hint="--speed") from None
+    if not math.isfinite(value) or value <= 0:
+        raise typer.BadParameter(f"{text!r}: speed must be a positive number (or max)", param_hint="--speed")
+    return value
+
+
 def check_limit(limit: Optional[int]) -> None:
     if limit is not None and limit <= 0:
         fail(f"--limit must be positive, got {limit}")
