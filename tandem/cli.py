@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: flags without a <bool> type, defaults shown, any width
 )
 
 #: Libraries that log at INFO on import or per request; kept at WARNING unless -v.
@@ -76,3 +77,7 @@ def _main(
 for _module in COMMAND_MODULES:
     _module.register(app)
 guard_app(app)
+
+
+if __name__ == "__main__":  # python -m tandem.cli
+    app()

@@ -74,7 +74,7 @@ def check_writable_dir(path: Path, flag: str = "--out") -> None:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, (UserError, FileNotFoundError, PermissionError, ConnectionError, KeyError, ValueError)):
+    if isinstance(exc, (UserError, OSError, KeyError, ValueError)):
         return True
     name = type(exc).__name__
     return name in ("NoBrokersAvailable", "KafkaConnectionError", "KafkaTimeoutError", "TransportError")

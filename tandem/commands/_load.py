@@ -25,7 +25,7 @@ SOURCE_HELP = "synthetic | movielens | twitch | yoochoose | path to a log file o
 
 def source_argument(default: str = "synthetic") -> Any:
     """The positional SOURCE of every command."""
-    return typer.Argument(default, help=SOURCE_HELP, show_default=True)
+    return typer.Argument(default, help=SOURCE_HELP, show_default=True, metavar="SOURCE")
 
 
 def hidden_source_option() -> Any:
