@@ -50,7 +50,7 @@ def test_report_files_written_and_parseable(result, tmp_path: Path) -> None:  # 
     nd = data["results"][0]["metrics"]["NDCG@10"]
     assert nd["lo"] <= nd["mean"] <= nd["hi"]
     assert len(data["frontier"]) == 2 and data["frontier"][0]["policy"] == "always"
-    for name in ("ndcg_over_time.png", "bytes_vs_ndcg.png", "latency_hist.png"):
+    for name in ("ndcg_over_time.png", "bytes_vs_ndcg.png", "latency.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
     md = paths["markdown"].read_text()
     assert "| strategy |" in md and "cloud-only" in md and "![bytes_vs_ndcg.png](bytes_vs_ndcg.png)" in md

@@ -55,7 +55,10 @@ def detect_format(path: Path) -> str:
     if "streamer" in first or "start_time" in first:
         return "twitch"
     fields = first.split(",")
-    if "::" in first or ("\t" in first and len(first.split("\t")) == 4) or (
+    if [f.strip().strip('"') for f in fields[:4]] == ["userid", "movieid", "rating", "timestamp"]:
+        return "movielens"  # a MovieLens ratings CSV with its header, whatever the file is called
+    tabs = first.split("\t")
+    if "::" in first or (len(tabs) == 4 and all(_is_number(f) for f in tabs)) or (
         len(fields) == 4 and all(_is_number(f) for f in fields)
     ):
         return "movielens"
@@ -78,7 +81,8 @@ def _shared(name: str, path: str | Path | None) -> Path:
     folder = SHARED_DATA / SHARED_FOLDERS[name]
     if not folder.exists():
         raise ValueError(
-            f"source {name!r}: {folder} not found; pass path=... (see data/README.md for how to fetch it)"
+            f"source {name!r}: {folder} not found; fetch it with `bash data/fetch.sh {name}` "
+            f"(see data/README.md) or give the file or folder as the source"
         )
     return folder
 
@@ -91,7 +95,9 @@ def load_source(source: str | Path, **opts: Any) -> EventLog:
             ``SyntheticConfig`` field), ``"movielens"`` / ``"twitch"`` (opts: ``path`` to override
             ../shared/data; twitch also ``live_window_steps`` and ``live_window``), ``"yoochoose"``
             (opts: ``path``), or a path to a file/folder whose
-            format is detected (a generic table takes ``mapping=ColumnMapping(...)``).
+            format is detected. A generic table takes ``mapping=ColumnMapping(...)``, or the CLI's
+            ``sep``, ``columns`` ("user=SessionId,item=ItemId,ts=Time"), ``ts_unit`` and ``header``
+            (each sniffed when absent; see streams/datasets/generic.py ``load_any_table``).
     """
     name = str(source)
     if name == "synthetic":
@@ -116,7 +122,17 @@ def load_source(source: str | Path, **opts: Any) -> EventLog:
         return load_yoochoose(_shared(name, opts.pop("path", None)), **opts)
     path = Path(name).expanduser()
     if not path.exists():
-        raise ValueError(f"unknown source {name!r}: not one of {list(SOURCES)} and no such file or folder")
+        import difflib
+
+        close = difflib.get_close_matches(name, list(SOURCES), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown source {name!r}: not one of {', '.join(SOURCES)} and no such file or folder{hint}")
+    table_opts = {k: opts.pop(k) for k in ("sep", "columns", "ts_unit", "header") if k in opts}
+    table_opts = {k: v for k, v in table_opts.items() if v is not None}
+    if table_opts and path.is_file():
+        from streams.datasets.generic import load_any_table
+
+        return load_any_table(path, **table_opts, **opts)
     fmt = detect_format(path)
     log.info("source %s: detected format %s", path, fmt)
     if fmt == "movielens":
@@ -131,6 +147,8 @@ def load_source(source: str | Path, **opts: Any) -> EventLog:
         from streams.datasets.yoochoose import load_yoochoose
 
         return load_yoochoose(path, **opts)
-    from streams.datasets.generic import load_table
+    from streams.datasets.generic import load_any_table, load_table
 
-    return load_table(path, **opts)
+    if "mapping" in opts:  # the Python API's explicit ColumnMapping
+        return load_table(path, **opts)
+    return load_any_table(path, **table_opts, **opts)

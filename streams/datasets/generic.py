@@ -66,28 +66,137 @@ def _kind_code(name: EventKind | str) -> int:
         raise ValueError(f"unknown event kind {name!r}; known: {[k.name.lower() for k in EventKind]}") from None
 
 
-def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+#: Separators tried when none is given (the first that splits every sampled line alike wins).
+SEPARATORS: Final[tuple[str, ...]] = ("\t", ",", ";", "|")
+#: Column names recognised without a mapping, per field (compared case-insensitively).
+COLUMN_ALIASES: Final[dict[str, tuple[str, ...]]] = {
+    "user": ("user_id", "userid", "user", "sessionid", "session_id", "session", "visitorid", "visitor_id", "uid"),
+    "item": ("item_id", "itemid", "item", "movieid", "movie_id", "product_id", "productid", "streamer_name", "iid"),
+    "timestamp": ("timestamp", "time", "ts", "ts_ms", "datetime", "event_time", "start_time", "date"),
+}
+#: ``--columns`` keys -> ColumnMapping fields.
+COLUMN_KEYS: Final[dict[str, str]] = {
+    "user": "user", "item": "item", "ts": "timestamp", "time": "timestamp", "timestamp": "timestamp",
+    "type": "event_type", "event_type": "event_type", "kind": "event_type", "value": "value", "category": "category",
+}
+
+
+def _head_lines(path: Path, n: int = 6) -> list[str]:
+    import gzip
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:  # type: ignore[operator]
+        return [line.rstrip("\r\n") for _, line in zip(range(n), fh) if line.strip()]
+
+
+def sniff_separator(path: Path) -> str:
+    """The field separator of a text table: the candidate that splits the first lines into the same number (>1) of fields."""
+    lines = _head_lines(path)
+    if not lines:
+        raise ValueError(f"{path}: empty file")
+    best, best_n = ",", 1
+    for sep in SEPARATORS:
+        counts = {len(line.split(sep)) for line in lines}
+        if len(counts) == 1 and (n := counts.pop()) > best_n:
+            best, best_n = sep, n
+    return best
+
+
+def sniff_header(path: Path, sep: str) -> bool:
+    """True when the first line names columns: a field there is not a number while the same field below is."""
+    lines = _head_lines(path, 2)
+    first = [f.strip() for f in lines[0].split(sep)]
+    if len(lines) < 2:
+        return not any(_numeric(f) for f in first)
+    second = [f.strip() for f in lines[1].split(sep)]
+    if all(not _numeric(f) for f in first if f):
+        return any(_numeric(f) for f in second) or len(set(first)) == len(first)
+    return any(not _numeric(a) and _numeric(b) for a, b in zip(first, second))
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_columns(spec: str) -> dict[str, str]:
+    """``"user=SessionId,item=ItemId,ts=Time"`` -> ColumnMapping keyword arguments."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, eq, col = part.partition("=")
+        field_ = COLUMN_KEYS.get(key.strip().lower())
+        if not eq or not col.strip() or field_ is None:
+            raise ValueError(f"bad --columns entry {part!r}: use user=COL,item=COL,ts=COL (optional type=, value=, category=)")
+        out[field_] = col.strip()
+    return out
+
+
+def guess_mapping(found: list[str], given: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill user/item/timestamp from well-known column names where ``given`` does not name them."""
+    out = dict(given or {})
+    lower = {c.lower(): c for c in found}
+    for field_, aliases in COLUMN_ALIASES.items():
+        if field_ in out:
+            continue
+        hit = next((lower[a] for a in aliases if a in lower), None)
+        if hit is not None:
+            out[field_] = hit
+    return out
+
+
+def detect_unit(values: np.ndarray) -> str:
+    """``s``, ``ms`` or ``us`` from the magnitude of epoch timestamps (small values: ``s``)."""
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return "s"
+    mid = float(np.median(np.abs(finite)))
+    return "us" if mid > 1e14 else "ms" if mid > 1e11 else "s"
+
+
+def table_columns(path: Path, sep: str | None = None, header: bool | None = None) -> tuple[list[str], str, bool]:
+    """(column names, separator, has header) of a CSV/TSV/Parquet file; headerless columns are named 0, 1, 2..."""
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    suffixes = "".join(path.suffixes).lower()
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names), "", True
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot read table ({type(exc).__name__}: {exc})") from None
+    sep = sep or sniff_separator(path)
+    header = sniff_header(path, sep) if header is None else header
+    first = [f.strip() for f in _head_lines(path, 1)[0].split(sep)]
+    return (first if header else [str(i) for i in range(len(first))]), sep, header
+
+
+def _read_table(path: Path, columns: list[str], sep: str | None = None, header: bool | None = None) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
     parquet = path.suffix.lower() in PARQUET_SUFFIXES
-    sep = "\t" if (".tsv" in suffixes or ".tab" in suffixes) else ","
+    try:
+        found, sep, header = table_columns(path, sep, header)
+    except ValueError:
+        raise
+    except Exception as exc:  # pandas parser errors and decoding errors alike
+        raise ValueError(f"{path}: cannot read table ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in columns if c not in found]
+    if missing:
+        hint = "" if header else " (the file has no header row: name columns by position, e.g. --columns user=0,item=1,ts=2)"
+        raise ValueError(f"{path}: missing column(s) {missing}; found {found}{hint}")
     try:
         if parquet:
             import pyarrow.parquet as pq
 
-            found = list(pq.read_schema(path).names)
-        else:
-            found = pd.read_csv(path, sep=sep, nrows=0).columns.tolist()
-    except Exception as exc:  # pyarrow (ArrowInvalid...) and pandas parser errors alike
-        raise ValueError(f"{path}: cannot read table ({type(exc).__name__}: {exc})") from None
-    missing = [c for c in columns if c not in found]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {found}")
-    try:
-        if parquet:
             return pq.read_table(path, columns=columns).to_pandas()
-        return pd.read_csv(path, sep=sep, usecols=columns)
+        if header:
+            return pd.read_csv(path, sep=sep, usecols=columns, dtype=str)
+        frame = pd.read_csv(path, sep=sep, header=None, usecols=[int(c) for c in columns], dtype=str)
+        frame.columns = [str(c) for c in frame.columns]
+        return frame
     except Exception as exc:
         raise ValueError(f"{path}: cannot read table ({type(exc).__name__}: {exc})") from None
 
@@ -158,18 +267,27 @@ def _kinds(path: Path, frame: pd.DataFrame, m: ColumnMapping) -> np.ndarray:
     return raw.map(table).to_numpy().astype(np.uint8)
 
 
-def load_table(path: str | Path, mapping: ColumnMapping | None = None, name: str | None = None) -> EventLog:
+def load_table(
+    path: str | Path,
+    mapping: ColumnMapping | None = None,
+    name: str | None = None,
+    sep: str | None = None,
+    header: bool | None = None,
+) -> EventLog:
     """Load a CSV/TSV or Parquet interaction table as a time-sorted ``EventLog``.
 
     Args:
-        path: ``.csv`` / ``.tsv`` (optionally compressed) or ``.parquet`` file.
+        path: ``.csv`` / ``.tsv`` / ``.txt`` (optionally gzip) or ``.parquet`` file.
         mapping: which columns hold which field (defaults: user_id, item_id, timestamp in seconds).
         name: log name (default: the file stem).
+        sep: field separator (default: sniffed from the first lines among tab, comma, semicolon, pipe).
+        header: whether the first line names the columns (default: sniffed). Without one, columns
+            are named by position ("0", "1", ...).
     """
     m = mapping or ColumnMapping()
     p = Path(path)
     wanted = [m.user, m.item, m.timestamp] + [c for c in (m.event_type, m.value, m.category) if c]
-    frame = _read_table(p, list(dict.fromkeys(wanted)))
+    frame = _read_table(p, list(dict.fromkeys(wanted)), sep, header)
     meta: dict = {"source": str(p), "mapping": m}
     values = np.zeros(len(frame), dtype=np.float32)
     if m.value is not None:
@@ -200,3 +318,54 @@ def load_table(path: str | Path, mapping: ColumnMapping | None = None, name: str
     events = finalize_events(events)
     log.info("loaded %d events from %s", len(events), p)
     return EventLog(name=name or p.name.split(".")[0], events=events, items=items, availability=None, step_ms=m.step_ms, meta=meta)
+
+
+def load_any_table(
+    path: str | Path,
+    columns: str | dict[str, str] | None = None,
+    sep: str | None = None,
+    ts_unit: str | None = None,
+    header: bool | None = None,
+    name: str | None = None,
+) -> EventLog:
+    """Load a table the way the CLI does: separator and header sniffed, columns guessed or mapped, time unit detected.
+
+    Why: a user with ``SessionId;ItemId;Time`` in milliseconds should not need Python to
+    load it. String ids are mapped to integers (the mapping was asked for explicitly).
+
+    Args:
+        path: the table file.
+        columns: ``"user=SessionId,item=ItemId,ts=Time"`` (or the parsed dict); unnamed fields are
+            guessed from well-known column names (user_id, SessionId, movieId, timestamp, Time, ...).
+        sep: field separator (default: sniffed).
+        ts_unit: ``s``, ``ms``, ``us``, ``step`` or ``datetime`` (default: detected from magnitudes, with a warning).
+        header: first line is a header (default: sniffed).
+    """
+    p = Path(path)
+    given = parse_columns(columns) if isinstance(columns, str) else dict(columns or {})
+    found, sep_, header_ = table_columns(p, sep, header)
+    fields = guess_mapping(found, given)
+    missing = [f for f in ("user", "item", "timestamp") if f not in fields]
+    if missing:
+        raise ValueError(
+            f"{p}: cannot tell which column is the {', '.join(missing)}; found columns {found}: "
+            "pass --columns user=COL,item=COL,ts=COL"
+        )
+    unit = ts_unit
+    if unit is None:
+        frame = _read_table(p, [fields["timestamp"]], sep_ or None, header_)
+        raw = frame[fields["timestamp"]]
+        num = pd.to_numeric(raw, errors="coerce")
+        if num.notna().mean() < 0.5:
+            unit = "datetime"
+        else:
+            unit = detect_unit(num.to_numpy(dtype=np.float64))
+        log.warning("%s: column %s read as %s timestamps (pass --ts-unit to override)", p.name, fields["timestamp"],
+                    {"s": "unix seconds", "ms": "unix milliseconds", "us": "unix microseconds", "datetime": "date-time"}[unit])
+    if unit not in ("s", "ms", "us", "step", "datetime"):
+        raise ValueError(f"unknown --ts-unit {unit!r}; use s, ms, us, step or datetime")
+    mapping = ColumnMapping(
+        user=fields["user"], item=fields["item"], timestamp=fields["timestamp"], unit=unit,  # type: ignore[arg-type]
+        event_type=fields.get("event_type"), value=fields.get("value"), category=fields.get("category"), factorize_ids=True,
+    )
+    return load_table(p, mapping, name=name, sep=sep_ or None, header=header_)

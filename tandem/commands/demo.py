@@ -20,6 +20,18 @@ from typing import Any, Optional
 
 import typer
 
+from tandem.commands._errors import check_positive, did_you_mean, fail
+from tandem.commands._load import (
+    EVENTS_HELP,
+    LIMIT_HELP,
+    SPEED_HELP,
+    check_limit,
+    hidden_source_option,
+    parse_speed,
+    source_argument,
+    source_options,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -177,6 +189,20 @@ class Demo:
         }
 
 
+def candidates_curl(base_url: str, source: str, events: int) -> str:
+    """A curl line that returns items: asked at the log's own clock (its last event), not the wall clock."""
+    at = ""
+    try:
+        from tandem.services.replayer_service import load_log
+
+        log_ = load_log(source, events)
+        at = f"&at_ms={int(log_.events.ts_ms.iloc[-1])}"
+        user = int(log_.events.user_id.iloc[-1])
+    except Exception:  # the line is a hint; the demo runs without it
+        user = 0
+    return f"curl '{base_url}/candidates?user_id={user}&k=10{at}'"
+
+
 def run_demo(
     events: int,
     duration: float,
@@ -201,12 +227,14 @@ def run_demo(
     try:
         demo.start()
         typer.echo(f"Tandem demo: dashboard at {demo.url}  (transport {url})")
+        typer.echo(f"candidates API: {demo.cloud_http.url}/candidates  try: {candidates_curl(demo.cloud_http.url, source, events)}")
         deadline = time.monotonic() + duration
         shot_taken = False
         while time.monotonic() < deadline:
             if demo.caught_up() and demo.phase != "done":
                 demo.phase = "done"
-                typer.echo(f"replay processed: {demo.summary()}")
+                s = demo.summary()
+                typer.echo(f"replay processed: {s['events_applied']:,} events applied, model v{s['model_version']}, {s['updates_applied']:,} device updates applied")
             if demo.phase == "done" and screenshot_path is not None and not shot_taken:
                 time.sleep(2.5)  # let the dashboard take a final sample
                 screenshot(demo.url, screenshot_path)
@@ -231,17 +259,33 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo(
-        events: int = typer.Option(20_000, "--events", help="events to replay"),
+        source: str = source_argument(),
+        source_opt: Optional[str] = hidden_source_option(),
+        events: Optional[int] = typer.Option(None, "--events", help=EVENTS_HELP + " [default: 20000]"),
+        limit: Optional[int] = typer.Option(None, "--limit", help=LIMIT_HELP + " [default: 20000]"),
         duration: float = typer.Option(120.0, "--duration", help="seconds to keep the topology and dashboard up"),
-        port: int = typer.Option(8080, "--port", help="dashboard port"),
+        port: int = typer.Option(8080, "--port", help="dashboard port (0: any free port)"),
         kafka: bool = typer.Option(False, "--kafka", help="use a local tansu Kafka broker instead of the embedded log"),
-        source: str = typer.Option("synthetic", "--source", help="synthetic | movielens | twitch | PATH"),
         engine: str = typer.Option("twotower", "--engine", help="cloud engine: twotower | popular"),
-        speed: Optional[float] = typer.Option(None, "--speed", help="replay time compression (default: max)"),
+        speed: str = typer.Option("max", "--speed", help=SPEED_HELP),
         screenshot_path: Optional[Path] = typer.Option(None, "--screenshot", help="save a dashboard PNG (headless chromium)"),
         exit_when_done: bool = typer.Option(False, "--exit-when-done", help="stop once the replay is fully processed"),
     ) -> None:
-        """Run the whole topology locally (no Docker) with a live dashboard."""
-        summary = run_demo(events, duration, port, kafka, source, engine, speed, screenshot_path, exit_when_done)
+        """Run the whole topology locally (no Docker) with a live dashboard.
+
+        Examples: tandem demo;  tandem demo --events 5000 --speed 3600x --exit-when-done
+        """
+        source = source_opt or source
+        pace = parse_speed(speed)
+        check_positive(duration, "--duration")
+        check_positive(port, "--port", allow_zero=True)
+        check_limit(limit)
+        if engine not in ("twotower", "popular"):
+            fail(f"--engine must be twotower or popular, got {engine!r}{did_you_mean(engine, ['twotower', 'popular'])}")
+        n = source_options(source, events, default_events=20_000).get("events") if source == "synthetic" else None
+        n = limit or n or 20_000
+        if screenshot_path is not None and find_browser() is None:
+            fail("--screenshot needs chromium on PATH (run infra/setup-browser.sh)")
+        summary = run_demo(n, duration, port, kafka, source, engine, pace, screenshot_path, exit_when_done)
         for key, value in summary.items():
-            typer.echo(f"{key:>22}: {value}")
+            typer.echo(f"{key:>26}: {value}")

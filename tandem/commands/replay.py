@@ -10,44 +10,51 @@ Examples::
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from tandem.commands._errors import check_broker, check_positive, fail
+from tandem.commands._load import (
+    COLUMNS_HELP,
+    EVENTS_HELP,
+    LIMIT_HELP,
+    SEP_HELP,
+    SPEED_HELP,
+    TS_UNIT_HELP,
+    check_limit,
+    config_option,
+    parse_speed,
+    source_argument,
+    source_options,
+)
+
 log = logging.getLogger(__name__)
 
-
-def parse_speed(text: str | None) -> float | None:
-    """``max`` / ``0`` / empty -> None (as fast as possible); ``3600x`` or ``3600`` -> 3600.0."""
-    if text is None:
-        return None
-    t = text.strip().lower()
-    if t in ("", "max", "0", "inf", "none"):
-        return None
-    if t.endswith("x"):
-        t = t[:-1]
-    try:
-        value = float(t)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: use max, 3600x or a number") from None
-    if value <= 0:
-        raise typer.BadParameter(f"{text!r}: speed must be positive (or max)")
-    return value
+__all__ = ["parse_speed", "replay_command", "register"]
 
 
 def replay_command(
-    source: str = typer.Argument(..., help="synthetic | movielens | twitch | path to a file or folder"),
+    source: str = source_argument(),
+    config_file: Optional[Path] = config_option(),
     transport: str = typer.Option("embedded:runs/log", "--transport", "-t", help="embedded:PATH or kafka://host:port"),
-    speed: str = typer.Option("max", "--speed", "-s", help="max, or time compression: 3600x, 60"),
-    events: Optional[int] = typer.Option(None, "--events", "-n", help="synthetic: events to generate (default 100k)"),
-    seed: int = typer.Option(0, "--seed", help="synthetic: random seed"),
+    speed: str = typer.Option("max", "--speed", "-s", help=SPEED_HELP),
+    events: Optional[int] = typer.Option(None, "--events", "-n", help=EVENTS_HELP + " [default: 100000]"),
+    limit: Optional[int] = typer.Option(None, "--limit", help=LIMIT_HELP),
+    sep: Optional[str] = typer.Option(None, "--sep", help=SEP_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    ts_unit: Optional[str] = typer.Option(None, "--ts-unit", help=TS_UNIT_HELP),
+    seed: int = typer.Option(0, "--seed", help="seed of the synthetic log"),
     batch_size: int = typer.Option(512, "--batch-size", help="events per wire record"),
     partitions: int = typer.Option(4, "--partitions", help="partitions of topics created by the replay"),
     topic: str = typer.Option("interactions", "--topic", help="topic for user events"),
     availability_topic: str = typer.Option("availability", "--availability-topic", help="topic for stream live/offline; '' to skip"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="replay only the first N events of the log"),
 ) -> None:
-    """Replay a log into the interactions (and availability) topics, then print a summary."""
+    """Replay a log into the interactions (and availability) topics, then print a summary.
+
+    Examples: tandem replay synthetic --events 1000000;  tandem replay twitch --speed 3600x -t kafka://127.0.0.1:9092
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -57,12 +64,20 @@ def replay_command(
 
     console = Console(stderr=True)
     pace = parse_speed(speed)
-    opts: dict[str, Any] = {}
-    if source == "synthetic":
-        opts = {"events": events or 100_000, "seed": seed}
-    elif events is not None:
-        raise typer.BadParameter("--events only applies to the synthetic source (use --limit to cut a log)")
-    event_log = load_or_exit(source, console, **opts)
+    check_positive(batch_size, "--batch-size")
+    check_positive(partitions, "--partitions")
+    check_limit(limit)
+    opts: dict[str, Any] = source_options(source, events, seed, sep, columns, ts_unit, default_events=100_000)
+    check_broker(transport)
+    try:  # a bad --transport or a broker that is down fails before the log is loaded
+        tr = open_transport(transport)
+    except (ValueError, OSError) as exc:
+        fail(f"bad --transport {transport}: {exc}")
+    try:
+        event_log = load_or_exit(source, console, **opts)
+    except BaseException:
+        tr.close()
+        raise
     availability_range: tuple[int | None, int | None] | None = None
     if limit is not None and limit < len(event_log):
         # transitions after the cut belong to events that are not replayed
@@ -70,13 +85,9 @@ def replay_command(
         event_log = event_log.rows(0, limit)
     console.print(
         f"{event_log.name}: {len(event_log):,} events, {event_log.n_users:,} users, {event_log.n_items:,} items"
-        + (f", {len(event_log.availability):,} live intervals" if event_log.availability is not None else "")
+        + (f", {len(event_log.availability):,} live intervals" if event_log.availability is not None else ""),
+        highlight=False,
     )
-    try:
-        tr = open_transport(transport)
-    except ValueError as exc:
-        console.print(f"[red]bad --transport:[/red] {exc}")
-        raise typer.Exit(2) from None
     try:
         summary = replay(
             event_log,

@@ -1,4 +1,4 @@
-"""``tandem retrieval --source SOURCE``: offline retrieval quality of the cloud two-tower.
+"""``tandem retrieval [SOURCE]``: offline retrieval quality of the cloud two-tower.
 
 Temporal split (train on the first 80% of time, test on the rest); prints Recall@50,
 Recall@100 and NDCG@10 of the two-tower through the FAISS index (ANN), exact search
@@ -6,8 +6,8 @@ over the same embeddings, and popularity baselines (cloud_recsys/retrieval_eval.
 
 Examples::
 
-    tandem retrieval --source movielens
-    tandem retrieval --source synthetic --epochs 5 --json runs/retrieval.json
+    tandem retrieval movielens
+    tandem retrieval synthetic --events 50000 --epochs 5 --json runs/retrieval.json
 """
 
 from __future__ import annotations
@@ -21,11 +21,27 @@ from typing import Any, Optional
 
 import typer
 
+from tandem.commands._errors import check_positive, fail
+from tandem.commands._load import (
+    COLUMNS_HELP,
+    EVENTS_HELP,
+    LIMIT_HELP,
+    SEP_HELP,
+    TS_UNIT_HELP,
+    check_limit,
+    config_option,
+    hidden_source_option,
+    source_argument,
+    source_options,
+)
+
 log = logging.getLogger(__name__)
 
 
 def retrieval_command(
-    source: str = typer.Option("movielens", "--source", help="synthetic | movielens | twitch | path to a file or folder"),
+    source: str = source_argument("movielens"),
+    source_opt: Optional[str] = hidden_source_option(),
+    config_file: Optional[Path] = config_option(),
     train_fraction: float = typer.Option(0.8, "--train-fraction", help="share of the log (by time) used for training"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="warm-start passes (default: the tuned config's)"),
     dim: Optional[int] = typer.Option(None, "--dim", help="embedding and tower output width"),
@@ -35,18 +51,32 @@ def retrieval_command(
     index_kind: str = typer.Option("ivf", "--index", help="FAISS index for the ANN row: ivf | hnsw | flat"),
     nprobe: int = typer.Option(32, "--nprobe", help="IVF cells probed per query"),
     include_seen: bool = typer.Option(False, "--include-seen", help="do not exclude items the user engaged with in training"),
-    events: Optional[int] = typer.Option(None, "--events", help="synthetic: events to generate"),
+    events: Optional[int] = typer.Option(None, "--events", help=EVENTS_HELP + " [default: 60000]"),
+    limit: Optional[int] = typer.Option(None, "--limit", help=LIMIT_HELP),
+    sep: Optional[str] = typer.Option(None, "--sep", help=SEP_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    ts_unit: Optional[str] = typer.Option(None, "--ts-unit", help=TS_UNIT_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
     seed: int = typer.Option(0, "--seed", help="model seed"),
     threads: int = typer.Option(1, "--threads", help="torch/faiss threads (small towers: 1 is fastest, no OpenMP spinning)"),
 ) -> None:
     """Evaluate two-tower retrieval (FAISS and exact) against popularity on a temporal split."""
+    source = source_opt or source
+    check_positive(threads, "--threads")
+    check_positive(ensemble, "--ensemble")
+    check_positive(epochs, "--epochs")
+    check_positive(dim, "--dim")
+    check_positive(nprobe, "--nprobe")
+    check_limit(limit)
+    if not 0.0 < train_fraction < 1.0:
+        fail(f"--train-fraction must be between 0 and 1, got {train_fraction}")
+    if index_kind not in ("ivf", "hnsw", "flat"):
+        fail(f"--index must be ivf, hnsw or flat, got {index_kind!r}")
+    opts = source_options(source, events, seed, sep, columns, ts_unit)
+    if source == "synthetic":
+        opts.pop("seed", None)  # --seed is the model's seed here; the synthetic log keeps its default
     import torch
 
-    if threads <= 0:
-        raise typer.BadParameter(f"--threads must be positive, got {threads}")
-    if ensemble is not None and ensemble <= 0:
-        raise typer.BadParameter(f"--ensemble must be positive, got {ensemble}")
     torch.set_num_threads(threads)
     from rich.console import Console
     from rich.table import Table
@@ -57,12 +87,9 @@ def retrieval_command(
 
     console = Console(stderr=True)
     t_start = time.perf_counter()
-    if not 0.0 < train_fraction < 1.0:
-        raise typer.BadParameter(f"--train-fraction must be in (0, 1), got {train_fraction}")
-    if index_kind not in ("ivf", "hnsw", "flat"):
-        raise typer.BadParameter(f"--index must be ivf, hnsw or flat, got {index_kind!r}")
-    opts: dict[str, Any] = {"events": events} if source == "synthetic" and events else {}
     event_log = load_or_exit(source, console, **opts)
+    if limit is not None and limit < len(event_log):
+        event_log = event_log.rows(0, limit)
     cfg = TUNED
     model = replace(cfg.model, seed=seed)
     if dim is not None:

@@ -1,7 +1,7 @@
 """``tandem serve cloud|fleet|replayer|dashboard``: run one Tandem service.
 
-Every option can also be set with a ``TANDEM_<OPTION>`` environment variable (flags win);
-see tandem/services/settings.py and docs/services.md.
+Every option can also be set with a TANDEM_<OPTION> environment variable (flags win);
+see tandem/services/settings.py and docs/services.md. Help shows each setting's default.
 """
 
 from __future__ import annotations
@@ -11,33 +11,54 @@ from typing import Optional
 
 import typer
 
+from tandem.commands._errors import check_broker, check_positive
+from tandem.commands._load import LIMIT_HELP, SOURCE_HELP, SPEED_HELP, parse_speed
 from tandem.services.settings import CloudSettings, DashboardSettings, FleetSettings, ReplayerSettings, as_dict, from_env
 
 log = logging.getLogger(__name__)
 
-serve_app = typer.Typer(help="Run one Tandem service (env TANDEM_* or flags).", no_args_is_help=True)
+serve_app = typer.Typer(help="Run one Tandem service (env TANDEM_* or flags).", no_args_is_help=True, rich_markup_mode=None)
 
-_TRANSPORT = typer.Option(None, "--transport", help="kafka://host:port or embedded:/path [TANDEM_TRANSPORT]")
-_HOST = typer.Option(None, "--host", help="HTTP bind address [TANDEM_HOST]")
-_PORT = typer.Option(None, "--port", help="HTTP port [TANDEM_PORT]")
+
+
+def _default(cls: type, name: str) -> str:
+    """`` [default: X; env TANDEM_NAME]`` from the settings dataclass, so help shows what a flag left out means."""
+    value = cls.__dataclass_fields__[name].default  # type: ignore[attr-defined]
+    shown = "''" if value == "" else value
+    return f" [default: {shown}; env TANDEM_{name.upper()}]"
+
+
+def _transport(cls: type) -> object:
+    return typer.Option(None, "--transport", help="kafka://host:port or embedded:/path" + _default(cls, "transport"))
+
+
+def _host(cls: type) -> object:
+    return typer.Option(None, "--host", help="HTTP bind address" + _default(cls, "host"))
+
+
+def _port(cls: type) -> object:
+    return typer.Option(None, "--port", help="HTTP port" + _default(cls, "port"))
 
 
 @serve_app.command("cloud")
 def cloud(
-    transport: Optional[str] = _TRANSPORT,
-    host: Optional[str] = _HOST,
-    port: Optional[int] = _PORT,
-    engine: Optional[str] = typer.Option(None, "--engine", help="twotower | popular [TANDEM_ENGINE]"),
-    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="[TANDEM_CHECKPOINT_DIR]"),
-    checkpoint_every_s: Optional[float] = typer.Option(None, "--checkpoint-every-s"),
-    refresh_every_events: Optional[int] = typer.Option(None, "--refresh-every-events"),
-    partitions: Optional[int] = typer.Option(None, "--partitions"),
-    source: Optional[str] = typer.Option(None, "--source", help="optional log for warm start [TANDEM_SOURCE]"),
-    max_idle_s: Optional[float] = typer.Option(None, "--max-idle-s", help="exit after this long without records"),
+    source: Optional[str] = typer.Argument(None, help="optional log to warm-start on: " + SOURCE_HELP, metavar="SOURCE"),
+    source_opt: Optional[str] = typer.Option(None, "--source", hidden=True),
+    transport: Optional[str] = _transport(CloudSettings),
+    host: Optional[str] = _host(CloudSettings),
+    port: Optional[int] = _port(CloudSettings),
+    engine: Optional[str] = typer.Option(None, "--engine", help="twotower | popular" + _default(CloudSettings, "engine")),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="where model and offsets are saved ('' = none)" + _default(CloudSettings, "checkpoint_dir")),
+    checkpoint_every_s: Optional[float] = typer.Option(None, "--checkpoint-every-s", help="seconds between checkpoints" + _default(CloudSettings, "checkpoint_every_s")),
+    refresh_every_events: Optional[int] = typer.Option(None, "--refresh-every-events", help="events between index refreshes" + _default(CloudSettings, "refresh_every_events")),
+    partitions: Optional[int] = typer.Option(None, "--partitions", help="partitions of the topics it creates" + _default(CloudSettings, "partitions")),
+    max_idle_s: Optional[float] = typer.Option(None, "--max-idle-s", help="exit after this long without records [default: never]"),
 ) -> None:
-    """Cloud: consume interactions/availability/device-updates, train, serve candidates."""
+    """Cloud: consume interactions, availability and device updates; train; serve candidates over HTTP."""
     from tandem.services.cloud_service import serve as serve_cloud
 
+    for value, flag in ((checkpoint_every_s, "--checkpoint-every-s"), (refresh_every_events, "--refresh-every-events"), (partitions, "--partitions"), (max_idle_s, "--max-idle-s")):
+        check_positive(value, flag)
     s = from_env(
         CloudSettings,
         transport=transport,
@@ -48,26 +69,29 @@ def cloud(
         checkpoint_every_s=checkpoint_every_s,
         refresh_every_events=refresh_every_events,
         partitions=partitions,
-        source=source,
+        source=source_opt or source,
     )
     log.info("cloud settings: %s", as_dict(s))
+    check_broker(s.transport)
     serve_cloud(s, max_idle_s=max_idle_s)
 
 
 @serve_app.command("fleet")
 def fleet(
-    transport: Optional[str] = _TRANSPORT,
-    host: Optional[str] = _HOST,
-    port: Optional[int] = _PORT,
-    cloud_url: Optional[str] = typer.Option(None, "--cloud-url", help="[TANDEM_CLOUD_URL]"),
-    update_every: Optional[int] = typer.Option(None, "--update-every", help="[TANDEM_UPDATE_EVERY]"),
-    family: Optional[str] = typer.Option(None, "--family", help="feature | parameter | data [TANDEM_FAMILY]"),
-    max_devices: Optional[int] = typer.Option(None, "--max-devices"),
-    max_idle_s: Optional[float] = typer.Option(None, "--max-idle-s", help="exit after this long without records"),
+    transport: Optional[str] = _transport(FleetSettings),
+    host: Optional[str] = _host(FleetSettings),
+    port: Optional[int] = _port(FleetSettings),
+    cloud_url: Optional[str] = typer.Option(None, "--cloud-url", help="the cloud's candidates API" + _default(FleetSettings, "cloud_url")),
+    update_every: Optional[int] = typer.Option(None, "--update-every", help="engagements between a device's updates" + _default(FleetSettings, "update_every")),
+    family: Optional[str] = typer.Option(None, "--family", help="update family: feature | parameter | data" + _default(FleetSettings, "family")),
+    max_devices: Optional[int] = typer.Option(None, "--max-devices", help="devices simulated at most" + _default(FleetSettings, "max_devices")),
+    max_idle_s: Optional[float] = typer.Option(None, "--max-idle-s", help="exit after this long without records [default: never]"),
 ) -> None:
-    """Device fleet worker: simulated devices fetch candidates and send signed updates."""
+    """Device fleet worker: simulated devices fetch candidates, rerank, and send signed updates."""
     from tandem.services.fleet_service import serve as serve_fleet
 
+    for value, flag in ((update_every, "--update-every"), (max_devices, "--max-devices"), (max_idle_s, "--max-idle-s")):
+        check_positive(value, flag)
     s = from_env(
         FleetSettings,
         transport=transport,
@@ -79,44 +103,52 @@ def fleet(
         max_devices=max_devices,
     )
     log.info("fleet settings: %s", as_dict(s))
+    check_broker(s.transport)
     serve_fleet(s, max_idle_s=max_idle_s)
 
 
 @serve_app.command("replayer")
 def replayer(
-    transport: Optional[str] = _TRANSPORT,
-    host: Optional[str] = _HOST,
-    port: Optional[int] = _PORT,
-    source: Optional[str] = typer.Option(None, "--source", help="synthetic | movielens | twitch | PATH [TANDEM_SOURCE]"),
-    events: Optional[int] = typer.Option(None, "--events", help="cap on replayed events [TANDEM_EVENTS]"),
-    speed: Optional[float] = typer.Option(None, "--speed", help="time compression; 0 = max [TANDEM_SPEED]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    exit_when_done: Optional[bool] = typer.Option(None, "--exit-when-done/--keep-serving"),
+    source: Optional[str] = typer.Argument(None, help=SOURCE_HELP + _default(ReplayerSettings, "source"), metavar="SOURCE"),
+    source_opt: Optional[str] = typer.Option(None, "--source", hidden=True),
+    transport: Optional[str] = _transport(ReplayerSettings),
+    host: Optional[str] = _host(ReplayerSettings),
+    port: Optional[int] = _port(ReplayerSettings),
+    limit: Optional[int] = typer.Option(None, "--limit", help=LIMIT_HELP + " (synthetic: its size; 0: all)" + _default(ReplayerSettings, "events")),
+    events: Optional[int] = typer.Option(None, "--events", hidden=True),
+    speed: Optional[str] = typer.Option(None, "--speed", help=SPEED_HELP + " [default: max; env TANDEM_SPEED]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="events per wire record" + _default(ReplayerSettings, "batch_size")),
+    exit_when_done: Optional[bool] = typer.Option(None, "--exit-when-done/--keep-serving", help="stop after one replay [default: keep serving]"),
 ) -> None:
     """Replayer: replay a log into the interactions topic."""
     from tandem.services.replayer_service import serve as serve_replayer
 
+    limit = limit if limit is not None else events
+    check_positive(limit, "--limit", allow_zero=True)
+    check_positive(batch_size, "--batch-size")
+    pace = None if speed is None else (parse_speed(speed) or 0.0)
     s = from_env(
         ReplayerSettings,
         transport=transport,
         host=host,
         port=port,
-        source=source,
-        events=events,
-        speed=speed,
+        source=source_opt or source,
+        events=limit,
+        speed=pace,
         batch_size=batch_size,
         exit_when_done=exit_when_done,
     )
     log.info("replayer settings: %s", as_dict(s))
+    check_broker(s.transport)
     serve_replayer(s)
 
 
 @serve_app.command("dashboard")
 def dashboard(
-    host: Optional[str] = _HOST,
-    port: Optional[int] = _PORT,
-    sources: Optional[str] = typer.Option(None, "--sources", help="name=url,... of /metrics.json endpoints [TANDEM_SOURCES]"),
-    poll_s: Optional[float] = typer.Option(None, "--poll-s"),
+    host: Optional[str] = _host(DashboardSettings),
+    port: Optional[int] = _port(DashboardSettings),
+    sources: Optional[str] = typer.Option(None, "--sources", help="name=url,... of the services' /metrics.json endpoints" + _default(DashboardSettings, "sources")),
+    poll_s: Optional[float] = typer.Option(None, "--poll-s", help="seconds between polls" + _default(DashboardSettings, "poll_s")),
 ) -> None:
     """Dashboard: scrape the services' metrics and serve the live page."""
     from tandem.dashboard.app import Collector, create_app, parse_sources

@@ -2,6 +2,8 @@
 
 Per-prediction arrays stay in memory (``StrategyResult.points``) for tests and
 plots; the JSON keeps summaries only, so it stays small and diffable.
+``EvaluationResult.from_json`` reads a results.json back (summaries only), and
+``provenance()`` records what produced a run (git SHA, package versions, command, seed).
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
+import shlex
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +67,38 @@ class StrategyResult:
     timeseries: dict[str, list[float]] = field(default_factory=dict)
     points: Points | None = None
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StrategyResult":
+        """Inverse of ``to_json`` (summaries only: no points, no latency samples)."""
+
+        def cis(d: dict[str, Any] | None) -> dict[str, CI]:
+            return {k: _ci(v) for k, v in (d or {}).items()}
+
+        return cls(
+            label=data["label"],
+            name=data.get("name", data["label"]),
+            kind=data.get("kind", "strategy"),
+            describe=data.get("describe", {}),
+            n_points=int(data.get("n_points", 0)),
+            metrics=cis(data.get("metrics")),
+            repeat_metrics=cis(data.get("repeat_metrics")),
+            new_metrics=cis(data.get("new_metrics")),
+            repeat_share=_f(data.get("repeat_share", 0.0)),
+            bytes_up=int(data.get("bytes_up") or 0),
+            bytes_down=int(data.get("bytes_down") or 0),
+            bytes_up_per_device_day=_f(data.get("bytes_up_per_device_day", 0.0)),
+            bytes_down_per_device_day=_f(data.get("bytes_down_per_device_day", 0.0)),
+            bytes_request_per_device_day=_f(data.get("bytes_request_per_device_day", 0.0)),
+            uploads=int(data.get("uploads") or 0),
+            rejected=dict(data.get("rejected") or {}),
+            latency={k: _f(v) for k, v in (data.get("latency") or {}).items()},
+            staleness={k: _f(v) for k, v in (data.get("staleness") or {}).items()},
+            rounds=int(data.get("rounds") or 0),
+            round_summaries=list(data.get("round_summaries_tail") or []),
+            vs_reference=cis(data.get("vs_reference")),
+            timeseries={k: [_f(x) for x in v] for k, v in (data.get("timeseries") or {}).items()},
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "label": self.label,
@@ -104,6 +143,45 @@ class EvaluationResult:
     reference: str = "cloud-only"
     frontier: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str | Path) -> "EvaluationResult":
+        """Read a run back from results.json (a path) or its parsed dict; per-point arrays are not stored."""
+        if isinstance(data, (str, Path)):
+            data = json.loads(Path(data).read_text())
+        return cls(
+            source=data["source"],
+            n_events=int(data.get("n_events", 0)),
+            n_points=int(data.get("n_points", 0)),
+            n_users=int(data.get("n_users", 0)),
+            n_items=int(data.get("n_items", 0)),
+            device_days=int(data.get("device_days", 0)),
+            config=dict(data.get("config") or {}),
+            results=[StrategyResult.from_json(r) for r in data.get("results", [])],
+            wall_s=_f(data.get("wall_s", 0.0)),
+            timings={k: _f(v) for k, v in (data.get("timings") or {}).items()},
+            reference=data.get("reference", "cloud-only"),
+            frontier=list(data.get("frontier") or []),
+            notes=list(data.get("notes") or []),
+            provenance=dict(data.get("provenance") or {}),
+        )
+
+    def to_frame(self) -> Any:
+        """One row per strategy/baseline with every metric's mean and interval (a pandas DataFrame)."""
+        import pandas as pd
+
+        rows = []
+        for r in self.results:
+            row: dict[str, Any] = {"label": r.label, "kind": r.kind, "n_points": r.n_points}
+            for m, ci in r.metrics.items():
+                row[m], row[f"{m}_lo"], row[f"{m}_hi"] = ci.mean, ci.lo, ci.hi
+            for m, ci in r.vs_reference.items():
+                row[f"{m}_vs_ref"] = ci.mean
+            row["bytes_up_per_device_day"] = r.bytes_up_per_device_day
+            row["bytes_down_per_device_day"] = r.bytes_down_per_device_day
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("label")
 
     def get(self, label: str) -> StrategyResult:
         for r in self.results:
@@ -129,6 +207,7 @@ class EvaluationResult:
             "results": [r.to_json() for r in self.results],
             "frontier": self.frontier,
             "notes": self.notes,
+            "provenance": self.provenance,
         }
 
     def write_json(self, path: Path | str) -> Path:
@@ -152,3 +231,53 @@ def _clean(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return _clean(x.tolist())
     return x
+
+
+def _f(x: Any) -> float:
+    """JSON number or null -> float (null was a NaN or an infinity)."""
+    return float("nan") if x is None else float(x)
+
+
+def _ci(d: dict[str, Any]) -> CI:
+    return CI(_f(d.get("mean")), _f(d.get("lo")), _f(d.get("hi")))
+
+
+#: Packages whose versions decide a run's numbers (recorded in results.json).
+PROVENANCE_PACKAGES: tuple[str, ...] = ("tandem", "torch", "torchrec", "fbgemm-gpu-cpu", "faiss-cpu", "numpy", "pandas")
+
+
+def provenance(seed: int | None = None, argv: list[str] | None = None, repo: Path | None = None) -> dict[str, Any]:
+    """What produced a run: git SHA (and whether the tree was dirty), package versions, command line, seed, time.
+
+    Why: a results.json read months later must say which code and libraries made it (MLflow's run tags).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = repo or Path(__file__).resolve().parents[2]
+    sha, dirty = None, None
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+        if sha:
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+            dirty = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # no git on this machine: leave it unknown
+        pass
+    packages: dict[str, str | None] = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    args = list(sys.argv if argv is None else argv)
+    if args:
+        args[0] = Path(args[0]).name
+    return {
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "packages": packages,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "command": shlex.join(args),
+        "seed": seed,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
