@@ -65,7 +65,8 @@ class Demo:
         transport_url: ``embedded:/dir`` or ``kafka://host:port``.
         events: events to replay.
         source: log source (``synthetic`` by default).
-        engine: cloud engine (``twotower`` or ``popular``).
+        engine: cloud engine (``recommender`` or ``popular``).
+        strategy: the collaboration strategy the cloud and the fleet run.
         port: dashboard port (0: any free port).
         speed: replay time compression (None: as fast as possible).
         refresh_every_events: cloud refresh cadence.
@@ -76,12 +77,11 @@ class Demo:
         transport_url: str,
         events: int = 20_000,
         source: str = "synthetic",
-        engine: str = "twotower",
+        engine: str = "recommender",
         port: int = 8080,
         speed: float | None = None,
         refresh_every_events: int = 2_000,
-        update_every: int = 10,
-        family: str = "feature",
+        strategy: str = "feature",
     ) -> None:
         from tandem.services.runtime import open_transport
         from tandem.dashboard.app import Collector, create_app
@@ -92,7 +92,7 @@ class Demo:
         from tandem.services.settings import CloudSettings, FleetSettings, ReplayerSettings
 
         self.cloud_settings = CloudSettings(
-            transport=transport_url, engine=engine, refresh_every_events=refresh_every_events, checkpoint_dir=""
+            transport=transport_url, engine=engine, strategy=strategy, refresh_every_events=refresh_every_events, checkpoint_dir=""
         )
         self.cloud, cloud_app = build(self.cloud_settings, open_transport(transport_url))
         self.engine = self.cloud.engine
@@ -100,11 +100,11 @@ class Demo:
         self.replayer = Replayer(
             ReplayerSettings(transport=transport_url, source=source, events=events, speed=speed or 0.0), open_transport(transport_url)
         )
-        self._fleet_args = (FleetSettings, transport_url, update_every, family)
+        self._fleet_args = (FleetSettings, transport_url, strategy)
         self.fleet: FleetWorker | None = None
         self.phase = "starting"
         self.collector = Collector([self.cloud.metrics, self.replayer.metrics], poll_s=1.0, extra=lambda: {"phase": self.phase})
-        self.dashboard = HttpServer(create_app(self.collector, title=f"Tandem live · {source} · {engine}"), "127.0.0.1", port)
+        self.dashboard = HttpServer(create_app(self.collector, title=f"Tandem live · {source} · {strategy}"), "127.0.0.1", port)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -116,10 +116,8 @@ class Demo:
         from tandem.services.fleet_service import FleetWorker
 
         self.cloud_http.start()
-        fs, url, update_every, family = self._fleet_args
-        self.fleet = FleetWorker(
-            fs(transport=url, cloud_url=self.cloud_http.url, update_every=update_every, family=family), open_transport(url)
-        ).open()
+        fs, url, strategy = self._fleet_args
+        self.fleet = FleetWorker(fs(transport=url, cloud_url=self.cloud_http.url, strategy=strategy), open_transport(url)).open()
         self.collector.registries.append(self.fleet.metrics)
         self.collector.start()
         self.dashboard.start()
@@ -188,6 +186,7 @@ def run_demo(
     screenshot_path: Path | None = None,
     exit_when_done: bool = False,
     workdir: Path | None = None,
+    strategy: str = "feature",
 ) -> dict[str, Any]:
     """Run the demo for ``duration`` seconds (or until caught up with ``exit_when_done``)."""
     from tandem.services.runtime import LocalBroker
@@ -197,7 +196,7 @@ def run_demo(
     if kafka:  # short group sessions: the fleet joins (and rebalances) in seconds
         os.environ.setdefault("TANDEM_KAFKA_SESSION_TIMEOUT_MS", "6000")
     url = f"kafka://{broker.bootstrap}" if broker else f"embedded:{tmp / 'log'}"
-    demo = Demo(url, events=events, source=source, engine=engine, port=port, speed=speed)
+    demo = Demo(url, events=events, source=source, engine=engine, port=port, speed=speed, strategy=strategy)
     try:
         demo.start()
         typer.echo(f"Tandem demo: dashboard at {demo.url}  (transport {url})")
@@ -236,12 +235,17 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8080, "--port", help="dashboard port"),
         kafka: bool = typer.Option(False, "--kafka", help="use a local tansu Kafka broker instead of the embedded log"),
         source: str = typer.Option("synthetic", "--source", help="synthetic | movielens | twitch | PATH"),
-        engine: str = typer.Option("twotower", "--engine", help="cloud engine: twotower | popular"),
+        engine: str = typer.Option("recommender", "--engine", help="cloud engine: recommender | popular"),
+        strategy: str = typer.Option("feature", "--strategy", help="collaboration strategy the cloud and the fleet run"),
         speed: Optional[float] = typer.Option(None, "--speed", help="replay time compression (default: max)"),
         screenshot_path: Optional[Path] = typer.Option(None, "--screenshot", help="save a dashboard PNG (headless chromium)"),
         exit_when_done: bool = typer.Option(False, "--exit-when-done", help="stop once the replay is fully processed"),
     ) -> None:
         """Run the whole topology locally (no Docker) with a live dashboard."""
-        summary = run_demo(events, duration, port, kafka, source, engine, speed, screenshot_path, exit_when_done)
+        from tandem.strategies import STRATEGIES
+
+        if strategy not in STRATEGIES:
+            raise typer.BadParameter(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}", param_hint="--strategy")
+        summary = run_demo(events, duration, port, kafka, source, engine, speed, screenshot_path, exit_when_done, strategy=strategy)
         for key, value in summary.items():
             typer.echo(f"{key:>22}: {value}")

@@ -22,12 +22,21 @@ _HOST = typer.Option(None, "--host", help="HTTP bind address [TANDEM_HOST]")
 _PORT = typer.Option(None, "--port", help="HTTP port [TANDEM_PORT]")
 
 
+def _check_strategy(name: str) -> None:
+    from tandem.strategies import STRATEGIES
+
+    if name not in STRATEGIES:
+        raise typer.BadParameter(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}", param_hint="--strategy")
+
+
 @serve_app.command("cloud")
 def cloud(
     transport: Optional[str] = _TRANSPORT,
     host: Optional[str] = _HOST,
     port: Optional[int] = _PORT,
-    engine: Optional[str] = typer.Option(None, "--engine", help="twotower | popular [TANDEM_ENGINE]"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="recommender | popular [TANDEM_ENGINE]"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="collaboration strategy; the fleet must run the same [TANDEM_STRATEGY]"),
+    domain: Optional[str] = typer.Option(None, "--domain", help="repeat | feed [TANDEM_DOMAIN]"),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="[TANDEM_CHECKPOINT_DIR]"),
     checkpoint_every_s: Optional[float] = typer.Option(None, "--checkpoint-every-s"),
     refresh_every_events: Optional[int] = typer.Option(None, "--refresh-every-events"),
@@ -44,12 +53,15 @@ def cloud(
         host=host,
         port=port,
         engine=engine,
+        strategy=strategy,
+        domain=domain,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every_s=checkpoint_every_s,
         refresh_every_events=refresh_every_events,
         partitions=partitions,
         source=source,
     )
+    _check_strategy(s.strategy)
     log.info("cloud settings: %s", as_dict(s))
     serve_cloud(s, max_idle_s=max_idle_s)
 
@@ -60,12 +72,12 @@ def fleet(
     host: Optional[str] = _HOST,
     port: Optional[int] = _PORT,
     cloud_url: Optional[str] = typer.Option(None, "--cloud-url", help="[TANDEM_CLOUD_URL]"),
-    update_every: Optional[int] = typer.Option(None, "--update-every", help="[TANDEM_UPDATE_EVERY]"),
-    family: Optional[str] = typer.Option(None, "--family", help="feature | parameter | data [TANDEM_FAMILY]"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="collaboration strategy; the cloud must run the same [TANDEM_STRATEGY]"),
+    domain: Optional[str] = typer.Option(None, "--domain", help="repeat | feed [TANDEM_DOMAIN]"),
     max_devices: Optional[int] = typer.Option(None, "--max-devices"),
     max_idle_s: Optional[float] = typer.Option(None, "--max-idle-s", help="exit after this long without records"),
 ) -> None:
-    """Device fleet worker: simulated devices fetch candidates and send signed updates."""
+    """Device fleet worker: the strategy's devices fetch candidates, rerank and send signed updates."""
     from tandem.services.fleet_service import serve as serve_fleet
 
     s = from_env(
@@ -74,10 +86,11 @@ def fleet(
         host=host,
         port=port,
         cloud_url=cloud_url,
-        update_every=update_every,
-        family=family,
+        strategy=strategy,
+        domain=domain,
         max_devices=max_devices,
     )
+    _check_strategy(s.strategy)
     log.info("fleet settings: %s", as_dict(s))
     serve_fleet(s, max_idle_s=max_idle_s)
 

@@ -244,13 +244,17 @@ class CloudWorker:
         from tandem.services.devices import UpdateGate
 
         self.settings = settings
-        self.gate = gate or UpdateGate(settings.device_key)
+        self.gate = gate or UpdateGate(settings.device_key, max_staleness_versions=settings.max_staleness_versions)
+        contract = getattr(engine, "update_contract", None)
+        if gate is None and contract is not None:  # the strategy's own contract: size, width, norm bound
+            for name, value in contract().items():
+                setattr(self.gate.verifier, name, value)
         self.transport = transport
         self.engine = engine
         self.metrics = registry or Registry("cloud")
         self.state = DeliveryState()
         self.consumers: dict[str, Consumer] = {}
-        self.pending_updates: dict[str, Any] = {}  # update id -> verified update, in arrival order
+        self.pending_updates: dict[str, tuple[Any, Record]] = {}  # update id -> (verified update, its record), in arrival order
         self._dead: set[tuple[str, int, int, int]] = set()
         self._since_refresh = 0
         self._since_ckpt = 0
@@ -281,6 +285,8 @@ class CloudWorker:
                 self._seek_to_state(topic, cons, parts)
             self.consumers[topic] = cons
         self.gate.set_model_version(self.engine.version)
+        if hasattr(self.engine, "refresh_payload"):
+            self._announce(self.engine.version)  # a fleet starting now gets the current shared reranker
         self._publish_gauges()
         log.info("cloud worker open (restored=%s, events_applied=%d)", restored, self.state.events_applied)
         return self
@@ -445,18 +451,35 @@ class CloudWorker:
             return
         if not self.pending_updates:
             self._pending_since = time.monotonic()
-        self.pending_updates[update_id] = update
+        self.pending_updates[update_id] = (update, rec)
         self.metrics.observe("update_bytes_received", len(rec.value))
 
     def _flush_updates(self) -> None:
+        """One aggregation round over the buffered updates.
+
+        An update the engine cannot apply goes to the DLQ with the reason and the worker goes
+        on: when the round fails, each update is retried alone so only the bad ones are
+        dead-lettered (a crash here would re-read the same update after every restart).
+        """
         if not self.pending_updates:
             return
-        ids = list(self.pending_updates)
-        self.engine.apply_updates(list(self.pending_updates.values()))
-        self.state.seen_updates.update(ids)
-        self.state.updates_applied += len(ids)
-        self.metrics.inc("updates_applied", len(ids), help="device updates aggregated")
-        self.pending_updates = {}
+        pending, self.pending_updates = self.pending_updates, {}
+        try:
+            self.engine.apply_updates([u for u, _ in pending.values()])
+            applied = list(pending)
+        except Exception as exc:  # noqa: BLE001 - isolate the bad update(s), never crash-loop
+            log.warning("aggregation round failed (%s); applying its %d updates one by one", exc, len(pending))
+            applied = []
+            for uid, (update, rec) in pending.items():
+                try:
+                    self.engine.apply_updates([update])
+                    applied.append(uid)
+                except Exception as one:  # noqa: BLE001
+                    self._dlq(f"application failed: {type(one).__name__}: {one}"[:300], rec)
+        self.state.seen_updates.update(pending)
+        self.state.updates_applied += len(applied)
+        if applied:
+            self.metrics.inc("updates_applied", len(applied), help="device updates aggregated")
 
     def _commit_offsets(self) -> None:
         """Commit the offsets of everything processed so far (``state.offsets``) to the broker."""
@@ -532,9 +555,16 @@ class CloudWorker:
         version = self.engine.refresh()
         self.gate.set_model_version(version)
         self._since_refresh = 0
-        msg = {"model_version": version, "events_applied": self.state.events_applied, "time_ms": int(time.time() * 1000)}
-        self.transport.produce(TOPIC_REFRESH, json.dumps(msg).encode())
+        self._announce(version)
         self.metrics.inc("refreshes", help="model refreshes published")
+
+    def _announce(self, version: int) -> None:
+        """Publish ``model-refresh``: the version, and what the engine ships with it (the shared reranker)."""
+        msg = {"model_version": version, "events_applied": self.state.events_applied, "time_ms": int(time.time() * 1000)}
+        payload = getattr(self.engine, "refresh_payload", None)
+        if payload is not None:
+            msg.update(payload())
+        self.transport.produce(TOPIC_REFRESH, json.dumps(msg).encode())
 
     def _publish_gauges(self) -> None:
         st = self.state

@@ -85,7 +85,14 @@ class CloudSettings:
     Args:
         transport: ``kafka://host:port`` or ``embedded:/path`` (see streams.transports).
         host / port: where the candidate + metrics HTTP API listens.
-        engine: "twotower" (cloud_recsys) or "popular" (cheap baseline for load tests).
+        engine: "recommender" (cloud_recsys' CloudRecommender, the evaluation's cloud) or
+            "popular" (cheap baseline for load tests).
+        strategy: the collaboration strategy whose aggregation rule device updates go
+            through (``tandem.strategies``; the fleet must run the same one).
+        domain: "repeat" (livestreams, sessions) or "feed" (consumed items never returned).
+        trust_radius: the shipped reranker stays within this L2 distance of the initial one.
+        max_staleness_versions: updates stamped with a model this many refreshes old are still
+            accepted (as in the evaluation).
         group: consumer group of the cloud's topic readers.
         partitions: partitions created for ``interactions`` when the service creates topics.
         checkpoint_dir: model + offsets + dedup state; empty disables checkpoints.
@@ -104,7 +111,12 @@ class CloudSettings:
     transport: str = "kafka://127.0.0.1:9092"
     host: str = "0.0.0.0"
     port: int = 8000
-    engine: str = "twotower"
+    engine: str = "recommender"
+    strategy: str = "feature"
+    domain: str = "repeat"
+    trust_radius: float = 0.5
+    max_staleness_versions: int = 8
+    seed: int = 0
     group: str = "cloud"
     partitions: int = 4
     checkpoint_dir: str = ""
@@ -133,9 +145,16 @@ class FleetSettings:
 
     Args:
         cloud_url: base URL of the cloud candidate API.
-        update_every: a device sends an update after this many observed actions.
-        family: update family ("feature" | "parameter" | "data").
-        max_devices: devices kept in memory (least recently used are dropped).
+        strategy: what devices run and send (``tandem.strategies``; the cloud must run the
+            same one): rerank, update families, upload policy, personalization.
+        domain: "repeat" or "feed" (devices drop consumed items).
+        session_gap_ms / fetch_every_ms / refetch_every: the fetch schedule
+            (``tandem.strategies.schedule``), as in the evaluation.
+        min_new_engagements: parameter/data uploads and personalization need this many new
+            engagements since the device's last one.
+        session_len: recent items a device sends with each fetch.
+        embedding_dim: the reranker's width (the cloud's ``embedding_dim``).
+        max_devices: devices kept in memory (the oldest are dropped).
         k: candidates fetched per device refresh.
     """
 
@@ -145,10 +164,16 @@ class FleetSettings:
     port: int = 8001
     group: str = "fleet"
     device_key: str = "tandem-dev-master-key"
-    update_every: int = 20
-    family: str = "feature"
+    strategy: str = "feature"
+    domain: str = "repeat"
+    session_gap_ms: int = 30 * 60_000
+    fetch_every_ms: int = 30 * 60_000
+    refetch_every: int = 1
+    min_new_engagements: int = 3
+    session_len: int = 32
+    embedding_dim: int = 32
     max_devices: int = 5_000
-    k: int = 50
+    k: int = 100
     poll_records: int = 200
     http_timeout_s: float = 5.0
 
