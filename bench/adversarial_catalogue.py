@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import struct
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Callable
 
 import lz4.frame
-import msgspec
 import numpy as np
 
 Case = Callable[[], str]

@@ -67,6 +67,11 @@ class Availability:
                 return np.fromiter(self._offline_now, dtype=np.int64, count=len(self._offline_now))
             return np.asarray([item for item in self._ts if not self._live_at(item, at_ms)], dtype=np.int64)
 
+    def live(self, at_ms: int) -> np.ndarray:
+        """Ids (among items with transitions) available at ``at_ms``, sorted."""
+        with self._lock:
+            return np.asarray(sorted(item for item in self._ts if self._live_at(item, at_ms)), dtype=np.int64)
+
     def live_mask(self, item_ids: Sequence[int] | np.ndarray, at_ms: int | None = None) -> np.ndarray:
         """Which of ``item_ids`` are available at ``at_ms`` (None: the latest state).
 

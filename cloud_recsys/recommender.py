@@ -434,3 +434,36 @@ def _session_features(f: np.ndarray, cand: np.ndarray, sess_rows: np.ndarray, se
     j = pos.get(last)
     if j is not None:
         f[j, _F["is_last"]] = 1.0
+
+
+def build_recommender(
+    num_users: int,
+    num_items: int,
+    dim: int,
+    num_categories: int = 2,
+    session_gap_ms: int = 30 * 60_000,
+    seed: int = 0,
+    exclude_consumed: bool = False,
+    item_categories: dict[int, int] | None = None,
+    allowed_at: Callable[[int], np.ndarray | None] | None = None,
+    base: RecommenderConfig | None = None,
+) -> CloudRecommender:
+    """The production cloud at a given capacity: what ``tandem evaluate`` sizes for a log and
+    ``tandem serve cloud`` sizes from its settings (one recipe, so both run the same model)."""
+    import dataclasses
+
+    base = base or RecommenderConfig()
+    tcfg = dataclasses.replace(
+        base.two_tower,
+        num_users=int(num_users),
+        num_items=int(num_items),
+        num_categories=int(num_categories),
+        embedding_dim=int(dim),
+        out_dim=int(dim),
+        user_hidden=(64,),
+        item_hidden=(64,),
+        batch_size=64,
+        seed=int(seed),
+    )
+    rcfg = dataclasses.replace(base, two_tower=tcfg, session_gap_ms=int(session_gap_ms), seed=int(seed))
+    return CloudRecommender(rcfg, exclude_consumed=exclude_consumed, item_categories=item_categories, allowed_at=allowed_at)

@@ -21,7 +21,7 @@ from device_rerank.encoders import FeatureEncoder
 from device_rerank.envelope import Keyring, UpdateVerifier, hkdf_sha256, make_verifier, sign
 from streams.batch import EventBatch
 from streams.delivery import SeenIds
-from streams.replay import namespaced_ids, replay, source_tag
+from streams.replay import replay, source_tag
 from streams.schema import MAX_TS_MS, detect_ts_unit, to_ms, SchemaError
 from tandem.services.devices import KeyConfigError, UpdateGate, master_key
 from tandem.services.settings import CloudSettings, DashboardSettings, FleetSettings, ReplayerSettings, as_dict

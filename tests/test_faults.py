@@ -179,7 +179,7 @@ def bad_inputs(t: KafkaTransport) -> int:
 class CloudProcess:
     """``tandem serve cloud`` as a subprocess that can be SIGKILLed."""
 
-    def __init__(self, bootstrap: str, ckpt: Path, log_path: Path, port: int | None = None) -> None:
+    def __init__(self, bootstrap: str, ckpt: Path, log_path: Path, port: int | None = None, **env: str) -> None:
         self.port = port or free_port()
         self.env = {
             **os.environ,
@@ -194,6 +194,7 @@ class CloudProcess:
             "TANDEM_HOST": "127.0.0.1",
             "TANDEM_PORT": str(self.port),
             "OMP_NUM_THREADS": "1",
+            **env,
         }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -374,19 +375,19 @@ def test_broker_paused_and_resumed(broker_process, tmp_path: Path) -> None:
 class FleetProcess:
     """``tandem serve fleet`` as a subprocess."""
 
-    def __init__(self, bootstrap: str, cloud_url: str, log_path: Path) -> None:
+    def __init__(self, bootstrap: str, cloud_url: str, log_path: Path, **env: str) -> None:
         self.port = free_port()
         self.env = {
             **os.environ,
             "TANDEM_TRANSPORT": f"kafka://{bootstrap}",
             "TANDEM_CLOUD_URL": cloud_url,
             "TANDEM_DEVICE_KEY": KEY,
-            "TANDEM_UPDATE_EVERY": "5",
             "TANDEM_POLL_RECORDS": "2",
             "TANDEM_HOST": "127.0.0.1",
             "TANDEM_PORT": str(self.port),
             "TANDEM_KAFKA_SESSION_TIMEOUT_MS": "3000",
             "OMP_NUM_THREADS": "1",
+            **env,
         }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -474,4 +475,63 @@ def test_fleet_worker_restarted(broker_process, tmp_path: Path) -> None:
     assert w.state.updates_applied == len(set(envelopes)), "every distinct envelope applied exactly once"
     assert dead_letters(t, TOPIC_UPDATES) == [], "no update rejected as replayed after the restart"
     w.close()
+    t.close()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", ["feature", "federated", "data"])
+def test_each_update_family_survives_a_cloud_kill_and_a_fleet_restart(broker_process, tmp_path: Path, strategy: str) -> None:
+    """The production cloud (recommender engine) and the strategy's fleet, as services on the
+    broker: the cloud is SIGKILLed mid-stream and restarted from its checkpoint, then the fleet
+    is killed and replaced. Every event is applied once, and every distinct device update
+    envelope is applied once: nothing lost (none dead-lettered), nothing applied twice."""
+    t = transport(broker_process.bootstrap)
+    create_topics(t)
+    log = make_log(2400, users=30, items=50, seed=11)
+    recs = records(log, size=8)
+    common = {"TANDEM_STRATEGY": strategy}
+    model = {"TANDEM_ENGINE": "recommender", "TANDEM_NUM_USERS": "64", "TANDEM_NUM_ITEMS": "64", "TANDEM_REFRESH_EVERY_EVENTS": "300"}
+    cloud = CloudProcess(broker_process.bootstrap, tmp_path / "ckpt", tmp_path / "cloud.log", **common, **model).start()
+    fleet = FleetProcess(broker_process.bootstrap, f"http://127.0.0.1:{cloud.port}", tmp_path / "fleet1.log", **common).start()
+    try:
+        def produce(part: list[tuple[bytes, bytes]]) -> None:
+            for i, (k, v) in enumerate(part):
+                t.produce(TOPIC_INTERACTIONS, v, key=k)
+                if i % 20 == 0:
+                    t.flush()
+                    time.sleep(0.05)
+            t.flush()
+
+        half = len(recs) // 2
+        produce(recs[: half // 2])
+        wait_for(lambda: cloud.metrics().get("updates_applied_total", 0) > 0 and cloud.metrics().get("checkpoints", 0) >= 1, 90,
+                 "updates applied and checkpointed")  # fmt: skip
+        producer = threading.Thread(target=produce, args=(recs[half // 2 : half],))
+        producer.start()
+        cloud.kill()  # mid-stream, with updates in flight
+        cloud = CloudProcess(broker_process.bootstrap, tmp_path / "ckpt", tmp_path / "cloud2.log", port=cloud.port, **common, **model).start()
+        assert cloud.metrics().get("restores", 0) == 1
+        producer.join(60)
+        wait_for(lambda: fleet.metrics().get("events_observed", 0) >= 600, 60, "fleet observing")
+        fleet.kill()
+        fleet = FleetProcess(broker_process.bootstrap, f"http://127.0.0.1:{cloud.port}", tmp_path / "fleet2.log", **common).start()
+        produce(recs[half:])
+        wait_for(lambda: cloud.metrics().get("events_applied", 0) >= len(log), 90, "cloud applied the log")
+        ends = end_offsets(t, TOPIC_INTERACTIONS)
+        wait_for(lambda: committed(t, TOPIC_INTERACTIONS, "fleet") == ends, 90, "replacement fleet at the log end")
+        n_sent = sum(end_offsets(t, TOPIC_UPDATES).values())
+        wait_stable(lambda: (cloud.metrics().get("updates_applied_total", 0), cloud.metrics().get("updates_pending", 0)), 2.0, 60,
+                    "cloud drained device-updates")  # fmt: skip
+        m = cloud.metrics()
+        envelopes = read_all(t, TOPIC_UPDATES)
+    finally:
+        fleet.stop()
+        code = cloud.stop()
+    assert code == 0
+    assert len(envelopes) == n_sent > 0
+    assert m["events_applied"] == len(log) and m["event_id_sum"] == float(log.event_id.sum())
+    letters = dead_letters(t, TOPIC_UPDATES)
+    assert letters == [], [d.reason for d in letters]
+    assert m["updates_pending"] == 0
+    assert m["updates_applied_total"] == len(set(envelopes)), "every distinct envelope applied exactly once"
     t.close()

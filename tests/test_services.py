@@ -18,7 +18,8 @@ from streams.delivery import DeadLetterRecord, decode_dead_letter
 from streams.schema import EventKind
 from streams.transport import Consumer, Record, Transport, TransportError, partition_for
 from tandem.services.cloud_service import CloudWorker, DeliveryState, IdSet
-from tandem.services.engines import PopularityEngine, candidates_from_json, candidates_to_json
+from cloud_recsys.http import candidates_from_json, candidates_to_json
+from tandem.services.engines import PopularityEngine
 from tandem.services.metrics import Registry, add_metrics_routes
 from tandem.services.settings import (
     TOPIC_INTERACTIONS,
@@ -330,51 +331,41 @@ def test_cloud_http_api() -> None:
 
 
 # -- fleet worker ----------------------------------------------------------------------
-class EngineClient:
-    """In-process candidate source (the fleet's HTTP client stand-in)."""
-
-    def __init__(self, engine: PopularityEngine) -> None:
-        self.engine = engine
-
-    def candidates(self, user_id: int, k: int = 100, at_ms: int | None = None):
-        return self.engine.candidates(user_id, k, at_ms or 0)
-
-
 def test_fleet_sends_verifiable_updates() -> None:
-    from tandem.services.fleet_service import FleetWorker
+    from tandem.services.fleet_service import EngineClient, FleetWorker
 
     t = MemoryTransport()
     w = make_worker(t)
     log = tiny_log(400, users=8)
     produce_log(t, log)
     drain(w)
-    fleet = FleetWorker(FleetSettings(device_key=KEY, update_every=5), t, client=EngineClient(w.engine)).open()
+    fleet = FleetWorker(FleetSettings(device_key=KEY, strategy="feature"), t, client=EngineClient(w.engine)).open()
     for _ in range(200):
         if fleet.step(timeout_s=0.0) == 0:
             break
     assert fleet.events_observed == len(log)
     assert fleet.updates_sent > 0
     snap = fleet.metrics.snapshot()
-    assert snap["update_bytes"] > 0 and snap["rerank_latency_seconds_count"] == len(log)
+    assert snap["update_bytes"] > 0 and snap["rerank_latency_seconds_count"] == fleet.points > 0
     drain(w)
     assert w.state.updates_applied == fleet.updates_sent
     assert dlq(t, TOPIC_UPDATES) == []
     # a restarted worker (fresh devices) re-reads nothing it committed, and never reuses a seq
-    fleet2 = FleetWorker(FleetSettings(device_key=KEY, update_every=5), t, client=EngineClient(w.engine)).open()
+    fleet2 = FleetWorker(FleetSettings(device_key=KEY, strategy="feature"), t, client=EngineClient(w.engine)).open()
     assert fleet2.step(timeout_s=0.0) == 0
 
 
-def test_two_tower_engine_checkpoint_roundtrip(tmp_path) -> None:
-    """The default engine (cloud_recsys) behind the same worker: train, serve, checkpoint, restore."""
+def test_recommender_engine_checkpoint_roundtrip(tmp_path) -> None:
+    """The default engine (the evaluation's cloud) behind the same worker: train, serve, checkpoint, restore."""
     from tandem.services.engines import make_engine
 
     t = MemoryTransport()
     s = CloudSettings(
-        transport="memory", engine="twotower", device_key=KEY, checkpoint_dir=str(tmp_path), checkpoint_every_s=1e9,
+        transport="memory", engine="recommender", device_key=KEY, checkpoint_dir=str(tmp_path), checkpoint_every_s=1e9,
         checkpoint_every_events=10**9, refresh_every_events=250, poll_records=4, num_users=200, num_items=200,
         embedding_dim=16, eval_sample=8,
     )
-    w = CloudWorker(s, t, make_engine("twotower", s), Registry("cloud")).open()
+    w = CloudWorker(s, t, make_engine("recommender", s), Registry("cloud")).open()
     log = tiny_log(600)
     produce_log(t, log)
     drain(w)
@@ -385,7 +376,7 @@ def test_two_tower_engine_checkpoint_roundtrip(tmp_path) -> None:
     assert client.get("/healthz").json()["events_applied"] == 600
     w.checkpoint()
     version = w.engine.version
-    w2 = CloudWorker(s, t, make_engine("twotower", s), Registry("cloud")).open()
+    w2 = CloudWorker(s, t, make_engine("recommender", s), Registry("cloud")).open()
     assert w2.state.events_applied == 600 and w2.engine.version == version
     assert np.array_equal(w2.engine.topk(int(log.user_id[0]), 5, 0), w.engine.topk(int(log.user_id[0]), 5, 0))
 

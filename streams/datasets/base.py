@@ -50,6 +50,13 @@ class EventLog:
     def __len__(self) -> int:
         return len(self.events)
 
+    def item_categories(self) -> dict[int, int]:
+        """``{item_id: category}`` from the item side table (empty when the log has none):
+        the catalogue a cloud may know before any event, in the evaluation and the services."""
+        if self.items is None or "category" not in self.items.columns:
+            return {}
+        return dict(zip(self.items.item_id.astype("int64").tolist(), self.items.category.astype("int64").tolist()))
+
     @property
     def n_users(self) -> int:
         return int(self.events.loc[self.events.user_id >= 0, "user_id"].nunique())

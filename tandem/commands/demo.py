@@ -77,7 +77,8 @@ class Demo:
         transport_url: ``embedded:/dir`` or ``kafka://host:port``.
         events: events to replay.
         source: log source (``synthetic`` by default).
-        engine: cloud engine (``twotower`` or ``popular``).
+        engine: cloud engine (``recommender`` or ``popular``).
+        strategy: the collaboration strategy the cloud and the fleet run.
         port: dashboard port (0: any free port).
         speed: replay time compression (None: as fast as possible).
         refresh_every_events: cloud refresh cadence.
@@ -88,12 +89,11 @@ class Demo:
         transport_url: str,
         events: int = 20_000,
         source: str = "synthetic",
-        engine: str = "twotower",
+        engine: str = "recommender",
         port: int = 8080,
         speed: float | None = None,
         refresh_every_events: int = 2_000,
-        update_every: int = 10,
-        family: str = "feature",
+        strategy: str = "feature",
     ) -> None:
         from tandem.services.runtime import open_transport
         from tandem.dashboard.app import Collector, create_app
@@ -103,20 +103,24 @@ class Demo:
         from tandem.services.runtime import HttpServer
         from tandem.services.settings import CloudSettings, FleetSettings, ReplayerSettings
 
+        # The demo runs in dev mode unless a real key is given: a published key, announced.
+        key = os.environ.get("TANDEM_DEVICE_KEY", "")
+        self.dev_mode = not key
         self.cloud_settings = CloudSettings(
-            transport=transport_url, engine=engine, refresh_every_events=refresh_every_events, checkpoint_dir=""
-        )
+            transport=transport_url, engine=engine, strategy=strategy, refresh_every_events=refresh_every_events, checkpoint_dir="",
+            device_key=key, dev_mode=self.dev_mode, source=source if engine == "recommender" else "", events=events,
+        )  # fmt: skip
         self.cloud, cloud_app = build(self.cloud_settings, open_transport(transport_url))
         self.engine = self.cloud.engine
         self.cloud_http = HttpServer(cloud_app, "127.0.0.1", 0)
         self.replayer = Replayer(
             ReplayerSettings(transport=transport_url, source=source, events=events, speed=speed or 0.0), open_transport(transport_url)
         )
-        self._fleet_args = (FleetSettings, transport_url, update_every, family)
+        self._fleet_args = (FleetSettings, transport_url, strategy, key)
         self.fleet: FleetWorker | None = None
         self.phase = "starting"
         self.collector = Collector([self.cloud.metrics, self.replayer.metrics], poll_s=1.0, extra=lambda: {"phase": self.phase})
-        self.dashboard = HttpServer(create_app(self.collector, title=f"Tandem live · {source} · {engine}"), "127.0.0.1", port)
+        self.dashboard = HttpServer(create_app(self.collector, title=f"Tandem live · {source} · {strategy}"), "127.0.0.1", port)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -128,10 +132,9 @@ class Demo:
         from tandem.services.fleet_service import FleetWorker
 
         self.cloud_http.start()
-        fs, url, update_every, family = self._fleet_args
-        self.fleet = FleetWorker(
-            fs(transport=url, cloud_url=self.cloud_http.url, update_every=update_every, family=family), open_transport(url)
-        ).open()
+        fs, url, strategy, key = self._fleet_args
+        settings = fs(transport=url, cloud_url=self.cloud_http.url, strategy=strategy, device_key=key, dev_mode=self.dev_mode)
+        self.fleet = FleetWorker(settings, open_transport(url)).open()
         self.collector.registries.append(self.fleet.metrics)
         self.collector.start()
         self.dashboard.start()
@@ -203,6 +206,16 @@ def candidates_curl(base_url: str, source: str, events: int) -> str:
     return f"curl '{base_url}/candidates?user_id={user}&k=10{at}'"
 
 
+def auto_speed(source: str, events: int, seconds: float = 40.0) -> float | None:
+    """A pace that replays the log in about ``seconds``: at full speed the replay outruns the
+    cloud, whose first refresh then comes after every device has already fetched an empty list."""
+    from tandem.services.replayer_service import load_log
+
+    ts = load_log(source, events).events.ts_ms
+    span_s = (int(ts.max()) - int(ts.min())) / 1000.0 if len(ts) else 0.0
+    return span_s / seconds if span_s > seconds else None
+
+
 def run_demo(
     events: int,
     duration: float,
@@ -214,6 +227,7 @@ def run_demo(
     screenshot_path: Path | None = None,
     exit_when_done: bool = False,
     workdir: Path | None = None,
+    strategy: str = "feature",
 ) -> dict[str, Any]:
     """Run the demo for ``duration`` seconds (or until caught up with ``exit_when_done``)."""
     from tandem.services.runtime import LocalBroker
@@ -223,10 +237,12 @@ def run_demo(
     if kafka:  # short group sessions: the fleet joins (and rebalances) in seconds
         os.environ.setdefault("TANDEM_KAFKA_SESSION_TIMEOUT_MS", "6000")
     url = f"kafka://{broker.bootstrap}" if broker else f"embedded:{tmp / 'log'}"
-    demo = Demo(url, events=events, source=source, engine=engine, port=port, speed=speed)
+    demo = Demo(url, events=events, source=source, engine=engine, port=port, speed=speed, strategy=strategy)
     try:
         demo.start()
-        typer.echo(f"Tandem demo: dashboard at {demo.url}  (transport {url})")
+        typer.echo(f"Tandem demo: dashboard at {demo.url}  (transport {url}, strategy {strategy})")
+        if demo.dev_mode:
+            typer.echo("dev mode: device updates are signed with a published key (set TANDEM_DEVICE_KEY for a real one)")
         typer.echo(f"candidates API: {demo.cloud_http.url}/candidates  try: {candidates_curl(demo.cloud_http.url, source, events)}")
         deadline = time.monotonic() + duration
         shot_taken = False
@@ -266,26 +282,33 @@ def register(app: typer.Typer) -> None:
         duration: float = typer.Option(120.0, "--duration", help="seconds to keep the topology and dashboard up"),
         port: int = typer.Option(8080, "--port", help="dashboard port (0: any free port)"),
         kafka: bool = typer.Option(False, "--kafka", help="use a local tansu Kafka broker instead of the embedded log"),
-        engine: str = typer.Option("twotower", "--engine", help="cloud engine: twotower | popular"),
-        speed: str = typer.Option("max", "--speed", help=SPEED_HELP),
+        engine: str = typer.Option("recommender", "--engine", help="cloud engine: recommender | popular"),
+        strategy: str = typer.Option("feature", "--strategy", help="collaboration strategy the cloud and the fleet run"),
+        speed: str = typer.Option("auto", "--speed", help=SPEED_HELP + "; auto: the replay takes about 40 s"),
         screenshot_path: Optional[Path] = typer.Option(None, "--screenshot", help="save a dashboard PNG (headless chromium)"),
         exit_when_done: bool = typer.Option(False, "--exit-when-done", help="stop once the replay is fully processed"),
     ) -> None:
         """Run the whole topology locally (no Docker) with a live dashboard.
 
-        Examples: tandem demo;  tandem demo --events 5000 --speed 3600x --exit-when-done
+        Examples: tandem demo;  tandem demo --events 5000 --speed 3600x --exit-when-done;  tandem demo --strategy hybrid
         """
+        from tandem.strategies import STRATEGIES
+
         source = source_opt or source
-        pace = parse_speed(speed)
+        pace = None if speed.strip().lower() == "auto" else parse_speed(speed)
         check_positive(duration, "--duration")
         check_positive(port, "--port", allow_zero=True)
         check_limit(limit)
-        if engine not in ("twotower", "popular"):
-            fail(f"--engine must be twotower or popular, got {engine!r}{did_you_mean(engine, ['twotower', 'popular'])}")
+        if engine not in ("recommender", "popular"):
+            fail(f"--engine must be recommender or popular, got {engine!r}{did_you_mean(engine, ['recommender', 'popular'])}")
+        if strategy not in STRATEGIES:
+            fail(f"--strategy: unknown strategy {strategy!r}{did_you_mean(strategy, STRATEGIES)}; choose one of {', '.join(STRATEGIES)}")
         n = source_options(source, events, default_events=20_000).get("events") if source == "synthetic" else None
         n = limit or n or 20_000
         if screenshot_path is not None and find_browser() is None:
             fail("--screenshot needs chromium on PATH (run infra/setup-browser.sh)")
-        summary = run_demo(n, duration, port, kafka, source, engine, pace, screenshot_path, exit_when_done)
+        if speed.strip().lower() == "auto":
+            pace = auto_speed(source, n)
+        summary = run_demo(n, duration, port, kafka, source, engine, pace, screenshot_path, exit_when_done, strategy=strategy)
         for key, value in summary.items():
             typer.echo(f"{key:>26}: {value}")

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 

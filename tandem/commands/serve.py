@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from tandem.commands._errors import check_broker, check_positive
+from tandem.commands._errors import check_broker, check_positive, did_you_mean, fail
 from tandem.commands._load import LIMIT_HELP, SOURCE_HELP, SPEED_HELP, parse_speed
 from tandem.services.settings import CloudSettings, DashboardSettings, FleetSettings, ReplayerSettings, as_dict, from_env
 
@@ -40,14 +40,24 @@ def _port(cls: type) -> object:
     return typer.Option(None, "--port", help="HTTP port" + _default(cls, "port"))
 
 
+def _check_strategy(name: str) -> None:
+    from tandem.strategies import STRATEGIES
+
+    if name not in STRATEGIES:
+        fail(f"--strategy: unknown strategy {name!r}{did_you_mean(name, STRATEGIES)}; choose one of {', '.join(STRATEGIES)}")
+
+
 @serve_app.command("cloud")
 def cloud(
-    source: Optional[str] = typer.Argument(None, help="optional log to warm-start on: " + SOURCE_HELP, metavar="SOURCE"),
+    source: Optional[str] = typer.Argument(None, help="optional: the replayed log, whose item catalogue the cloud knows from the start: " + SOURCE_HELP, metavar="SOURCE"),
     source_opt: Optional[str] = typer.Option(None, "--source", hidden=True),
+    events: Optional[int] = typer.Option(None, "--events", help="the replayer's --events (a synthetic world's catalogue depends on it)" + _default(CloudSettings, "events")),
     transport: Optional[str] = _transport(CloudSettings),
     host: Optional[str] = _host(CloudSettings),
     port: Optional[int] = _port(CloudSettings),
-    engine: Optional[str] = typer.Option(None, "--engine", help="twotower | popular" + _default(CloudSettings, "engine")),
+    engine: Optional[str] = typer.Option(None, "--engine", help="recommender | popular" + _default(CloudSettings, "engine")),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="collaboration strategy; the fleet must run the same" + _default(CloudSettings, "strategy")),
+    domain: Optional[str] = typer.Option(None, "--domain", help="repeat | feed" + _default(CloudSettings, "domain")),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="where model and offsets are saved ('' = none)" + _default(CloudSettings, "checkpoint_dir")),
     checkpoint_every_s: Optional[float] = typer.Option(None, "--checkpoint-every-s", help="seconds between checkpoints" + _default(CloudSettings, "checkpoint_every_s")),
     refresh_every_events: Optional[int] = typer.Option(None, "--refresh-every-events", help="events between index refreshes" + _default(CloudSettings, "refresh_every_events")),
@@ -65,12 +75,16 @@ def cloud(
         host=host,
         port=port,
         engine=engine,
+        strategy=strategy,
+        domain=domain,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every_s=checkpoint_every_s,
         refresh_every_events=refresh_every_events,
         partitions=partitions,
         source=source_opt or source,
+        events=events,
     )
+    _check_strategy(s.strategy)
     log.info("cloud settings: %s", as_dict(s))
     check_broker(s.transport)
     serve_cloud(s, max_idle_s=max_idle_s)
@@ -82,15 +96,15 @@ def fleet(
     host: Optional[str] = _host(FleetSettings),
     port: Optional[int] = _port(FleetSettings),
     cloud_url: Optional[str] = typer.Option(None, "--cloud-url", help="the cloud's candidates API" + _default(FleetSettings, "cloud_url")),
-    update_every: Optional[int] = typer.Option(None, "--update-every", help="engagements between a device's updates" + _default(FleetSettings, "update_every")),
-    family: Optional[str] = typer.Option(None, "--family", help="update family: feature | parameter | data" + _default(FleetSettings, "family")),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="collaboration strategy; the cloud must run the same" + _default(FleetSettings, "strategy")),
+    domain: Optional[str] = typer.Option(None, "--domain", help="repeat | feed" + _default(FleetSettings, "domain")),
     max_devices: Optional[int] = typer.Option(None, "--max-devices", help="devices simulated at most" + _default(FleetSettings, "max_devices")),
     max_idle_s: Optional[float] = typer.Option(None, "--max-idle-s", help="exit after this long without records [default: never]"),
 ) -> None:
-    """Device fleet worker: simulated devices fetch candidates, rerank, and send signed updates."""
+    """Device fleet worker: the strategy's devices fetch candidates, rerank and send signed updates."""
     from tandem.services.fleet_service import serve as serve_fleet
 
-    for value, flag in ((update_every, "--update-every"), (max_devices, "--max-devices"), (max_idle_s, "--max-idle-s")):
+    for value, flag in ((max_devices, "--max-devices"), (max_idle_s, "--max-idle-s")):
         check_positive(value, flag)
     s = from_env(
         FleetSettings,
@@ -98,10 +112,11 @@ def fleet(
         host=host,
         port=port,
         cloud_url=cloud_url,
-        update_every=update_every,
-        family=family,
+        strategy=strategy,
+        domain=domain,
         max_devices=max_devices,
     )
+    _check_strategy(s.strategy)
     log.info("fleet settings: %s", as_dict(s))
     check_broker(s.transport)
     serve_fleet(s, max_idle_s=max_idle_s)

@@ -7,13 +7,11 @@ about the future leaks into the model) and hands it the availability the log car
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from cloud_recsys.config import TwoTowerConfig
-from cloud_recsys.recommender import CloudRecommender, RecommenderConfig
+from cloud_recsys.recommender import CloudRecommender, RecommenderConfig, build_recommender
 from streams.datasets.base import EventLog
 
 if TYPE_CHECKING:
@@ -37,24 +35,19 @@ def recommender_for(
         recommender: channel sizes (defaults otherwise).
     """
     ev = log.events
-    cats: dict[int, int] = {}
-    if log.items is not None and "category" in log.items.columns:
-        cats = dict(zip(log.items.item_id.astype("int64").tolist(), log.items.category.astype("int64").tolist()))
-    base = recommender or RecommenderConfig()
-    tcfg = dataclasses.replace(
-        base.two_tower,
-        num_users=int(ev.user_id.nunique()) + 1,
-        num_items=int(ev.item_id.nunique()) + 1,
+    cats = log.item_categories()
+    return build_recommender(
+        int(ev.user_id.nunique()) + 1,
+        int(ev.item_id.nunique()) + 1,
+        config.cloud_dim,
         num_categories=len(set(cats.values())) + 2,
-        embedding_dim=config.cloud_dim,
-        out_dim=config.cloud_dim,
-        user_hidden=(64,),
-        item_hidden=(64,),
-        batch_size=64,
+        session_gap_ms=config.session_gap_ms,
         seed=config.seed,
+        exclude_consumed=exclude_consumed,
+        item_categories=cats,
+        allowed_at=allowed_at,
+        base=recommender,
     )
-    rcfg = dataclasses.replace(base, two_tower=tcfg, session_gap_ms=config.session_gap_ms, seed=config.seed)
-    return CloudRecommender(rcfg, exclude_consumed=exclude_consumed, item_categories=cats, allowed_at=allowed_at)
 
 
-__all__ = ["recommender_for", "TwoTowerConfig"]
+__all__ = ["recommender_for"]

@@ -170,13 +170,13 @@ class DeliveryState:
     Args:
         offsets: ``{topic: {partition: next offset}}`` covered by the model state.
         seen_events: event ids applied (dedup).
-        seen_updates: update ids applied (dedup).
+        gate: the update gate's state (per-device sequence numbers and recent envelope
+            digests: replay protection and redelivery dedup, bounded by active devices).
         events_applied / event_id_sum: audit figures (sum detects double application).
     """
 
     offsets: dict[str, dict[int, int]] = field(default_factory=dict)
     seen_events: IdSet = field(default_factory=IdSet)
-    seen_updates: set[str] = field(default_factory=set)
     gate: dict[str, Any] = field(default_factory=dict)
     events_applied: int = 0
     event_id_sum: int = 0
@@ -191,7 +191,6 @@ class DeliveryState:
             "offsets": {t: {str(p): o for p, o in po.items()} for t, po in self.offsets.items()},
             "seen_events": base64.b64encode(self.seen_events.to_array().tobytes()).decode(),
             "seen_floor": self.seen_events.floor,
-            "seen_updates": sorted(self.seen_updates),
             "events_applied": self.events_applied,
             "event_id_sum": self.event_id_sum,
             "updates_applied": self.updates_applied,
@@ -208,7 +207,6 @@ class DeliveryState:
         return cls(
             offsets={t: {int(p): int(o) for p, o in po.items()} for t, po in data["offsets"].items()},
             seen_events=IdSet(seen, floor=int(data.get("seen_floor", 0))),
-            seen_updates=set(data["seen_updates"]),
             events_applied=int(data["events_applied"]),
             event_id_sum=int(data["event_id_sum"]),
             updates_applied=int(data["updates_applied"]),
@@ -244,13 +242,20 @@ class CloudWorker:
         from tandem.services.devices import UpdateGate
 
         self.settings = settings
-        self.gate = gate or UpdateGate(settings.device_key)
+        contract = getattr(engine, "update_contract", None)  # the strategy's own: widths, bounds, caps
+        self.gate = gate or UpdateGate(
+            settings.device_key,
+            max_staleness_versions=settings.max_staleness_versions,
+            previous_keys=settings.device_key_previous or None,
+            dev_mode=settings.dev_mode or None,
+            **(contract() if contract is not None else {}),
+        )
         self.transport = transport
         self.engine = engine
         self.metrics = registry or Registry("cloud")
         self.state = DeliveryState()
         self.consumers: dict[str, Consumer] = {}
-        self.pending_updates: dict[str, Any] = {}  # update id -> verified update, in arrival order
+        self.pending_updates: dict[str, tuple[Any, Record]] = {}  # update id -> (verified update, its record), in arrival order
         self._dead: set[tuple[str, int, int, int]] = set()
         self._since_refresh = 0
         self._since_ckpt = 0
@@ -273,6 +278,7 @@ class CloudWorker:
         self.ensure_topics()
         self._load_dead_letters()
         restored = self.restore()
+        self._prune_dead()
         for topic in self.TOPICS:
             # One cloud instance owns every partition: a fixed assignment, no group rebalances.
             parts = list(range(self.transport.partitions(topic)))
@@ -280,10 +286,41 @@ class CloudWorker:
             if restored:
                 self._seek_to_state(topic, cons, parts)
             self.consumers[topic] = cons
+        announced = self._last_announced_version()
+        if announced > self.engine.version:
+            # A refresh announced before a crash outlived the checkpoint: never reuse a version
+            # number (devices hold it and stamp their updates with it).
+            log.info("resuming versions after %d (the checkpoint holds %d)", announced, self.engine.version)
+            self.engine.resume_versions_after(announced)
         self.gate.set_model_version(self.engine.version)
+        if hasattr(self.engine, "refresh_payload"):
+            self._announce(self.engine.version)  # a fleet starting now gets the current shared reranker
         self._publish_gauges()
         log.info("cloud worker open (restored=%s, events_applied=%d)", restored, self.state.events_applied)
         return self
+
+    def _last_announced_version(self, tail: int = 16) -> int:
+        """The newest ``model_version`` on ``model-refresh`` (0 when none), from the topic's tail."""
+        parts = list(range(self.transport.partitions(TOPIC_REFRESH)))
+        cons = self.transport.consumer(TOPIC_REFRESH, f"{self.settings.group}-refresh-scan", partitions=parts)
+        newest = 0
+        try:
+            ends = cons.end_offsets()
+            for part, end in ends.items():
+                cons.seek(part, max(0, end - tail))
+            deadline = time.monotonic() + 30.0
+            while time.monotonic() < deadline:
+                recs = cons.poll(500, timeout_s=0.5)
+                if not recs and all(cons.positions().get(p, 0) >= e for p, e in ends.items()):
+                    break
+                for rec in recs:
+                    try:
+                        newest = max(newest, int(json.loads(rec.value)["model_version"]))
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        finally:
+            cons.close()
+        return newest
 
     def _load_dead_letters(self) -> None:
         """Re-read the DLQs so reprocessing after a crash never dead-letters an input twice."""
@@ -335,6 +372,7 @@ class CloudWorker:
             latest_tmp = root / ".LATEST.tmp"
             latest_tmp.write_text(name)
             os.replace(latest_tmp, root / "LATEST")
+            self._prune_dead()
             for old in sorted(p for p in root.glob("ckpt-*") if p.name != name)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
         # The broker's committed offsets trail the checkpoint (informative: lag, monitoring).
@@ -344,6 +382,12 @@ class CloudWorker:
         self.metrics.inc("checkpoints", help="checkpoints written")
         log.info("checkpoint %s (events_applied=%d)", name, self.state.events_applied)
         return root / name
+
+    def _prune_dead(self) -> None:
+        """Forget dead-lettered positions the checkpoint has moved past (never reprocessed):
+        the set stays bounded by what one checkpoint interval dead-letters."""
+        offs = self.state.offsets
+        self._dead = {k for k in self._dead if k[2] >= offs.get(k[0], {}).get(k[1], 0)}
 
     def restore(self) -> bool:
         """Load the latest checkpoint, if any; True when one was loaded."""
@@ -425,7 +469,7 @@ class CloudWorker:
         self.state.seen_events.add(batch.event_id)
         self.state.events_applied += len(batch)
         self.state.event_id_sum += int(batch.event_id.sum())
-        self._since_refresh += len(batch)
+        self._since_refresh += len(users)  # user actions train the model; transitions only filter it
         self._since_ckpt += len(batch)
         if self._since_refresh >= self.settings.refresh_every_events:
             self._flush_updates()
@@ -435,7 +479,7 @@ class CloudWorker:
         from tandem.services.devices import digest
 
         update_id = digest(rec.value)
-        if update_id in self.state.seen_updates or update_id in self.pending_updates:
+        if update_id in self.pending_updates or self.gate.is_duplicate(rec.value):
             self.metrics.inc("updates_duplicate", help="updates skipped as already applied")
             return
         try:
@@ -445,18 +489,34 @@ class CloudWorker:
             return
         if not self.pending_updates:
             self._pending_since = time.monotonic()
-        self.pending_updates[update_id] = update
+        self.pending_updates[update_id] = (update, rec)
         self.metrics.observe("update_bytes_received", len(rec.value))
 
     def _flush_updates(self) -> None:
+        """One aggregation round over the buffered updates.
+
+        An update the engine cannot apply goes to the DLQ with the reason and the worker goes
+        on: when the round fails, each update is retried alone so only the bad ones are
+        dead-lettered (a crash here would re-read the same update after every restart).
+        """
         if not self.pending_updates:
             return
-        ids = list(self.pending_updates)
-        self.engine.apply_updates(list(self.pending_updates.values()))
-        self.state.seen_updates.update(ids)
-        self.state.updates_applied += len(ids)
-        self.metrics.inc("updates_applied", len(ids), help="device updates aggregated")
-        self.pending_updates = {}
+        pending, self.pending_updates = self.pending_updates, {}
+        try:
+            self.engine.apply_updates([u for u, _ in pending.values()])
+            applied = list(pending)
+        except Exception as exc:  # noqa: BLE001 - isolate the bad update(s), never crash-loop
+            log.warning("aggregation round failed (%s); applying its %d updates one by one", exc, len(pending))
+            applied = []
+            for uid, (update, rec) in pending.items():
+                try:
+                    self.engine.apply_updates([update])
+                    applied.append(uid)
+                except Exception as one:  # noqa: BLE001
+                    self._dlq(f"application failed: {type(one).__name__}: {one}"[:300], rec)
+        self.state.updates_applied += len(applied)
+        if applied:
+            self.metrics.inc("updates_applied", len(applied), help="device updates aggregated")
 
     def _commit_offsets(self) -> None:
         """Commit the offsets of everything processed so far (``state.offsets``) to the broker."""
@@ -496,7 +556,8 @@ class CloudWorker:
         s = self.settings
         with self.lock:
             n += self._events_from(TOPIC_AVAILABILITY, 0.0)
-            n += self._events_from(TOPIC_INTERACTIONS, 0.0)
+            # Updates before events: a refresh the events trigger aggregates every update
+            # that had arrived (the devices' uploads of the window the refresh closes).
             room = s.max_pending_updates - len(self.pending_updates)
             if room > 0:  # back-pressure: stop reading updates while the buffer is full
                 for rec in self.consumers[TOPIC_UPDATES].poll(min(room, s.poll_records), timeout_s=0.0):
@@ -505,6 +566,7 @@ class CloudWorker:
                     n += 1
             else:
                 self.metrics.inc("backpressure_pauses", help="update polls skipped: buffer full")
+            n += self._events_from(TOPIC_INTERACTIONS, 0.0)
         if n == 0 and timeout_s > 0:
             # Idle: wait for new events outside the lock (the HTTP API reads the model meanwhile).
             recs = self.consumers[TOPIC_INTERACTIONS].poll(s.poll_records, timeout_s=timeout_s)
@@ -513,9 +575,10 @@ class CloudWorker:
         with self.lock:
             full = len(self.pending_updates) >= min(s.max_pending_updates, s.aggregate_batch)
             overdue = time.monotonic() - self._pending_since >= s.aggregate_every_s
-            if self.pending_updates and (full or overdue or n == 0):
+            idle = n == 0 and s.refresh_when_idle
+            if self.pending_updates and (full or overdue or idle):
                 self._flush_updates()
-            if self._since_refresh >= s.refresh_every_events or (n == 0 and self._since_refresh > 0):
+            if self._since_refresh >= s.refresh_every_events or (idle and self._since_refresh > 0):
                 self._refresh()
         if n and not self._ckpt_root():
             # At-least-once without checkpoints: effects acknowledged, then offsets committed.
@@ -532,9 +595,16 @@ class CloudWorker:
         version = self.engine.refresh()
         self.gate.set_model_version(version)
         self._since_refresh = 0
-        msg = {"model_version": version, "events_applied": self.state.events_applied, "time_ms": int(time.time() * 1000)}
-        self.transport.produce(TOPIC_REFRESH, json.dumps(msg).encode())
+        self._announce(version)
         self.metrics.inc("refreshes", help="model refreshes published")
+
+    def _announce(self, version: int) -> None:
+        """Publish ``model-refresh``: the version, and what the engine ships with it (the shared reranker)."""
+        msg = {"model_version": version, "events_applied": self.state.events_applied, "time_ms": int(time.time() * 1000)}
+        payload = getattr(self.engine, "refresh_payload", None)
+        if payload is not None:
+            msg.update(payload())
+        self.transport.produce(TOPIC_REFRESH, json.dumps(msg).encode())
 
     def _publish_gauges(self) -> None:
         st = self.state

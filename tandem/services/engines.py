@@ -1,7 +1,7 @@
 """Model sides the cloud worker can drive.
 
-* ``TwoTowerEngine`` (default): cloud_recsys' OnlineTrainer + CandidateService + RefreshHook,
-  the HTTP API from ``cloud_recsys.http.create_app``.
+* ``RecommenderEngine`` (default, recommender_engine.py): the evaluation's cloud
+  (``CloudRecommender``) and the strategy's server side (``StrategyCloud``), served.
 * ``PopularityEngine``: time-decayed item popularity with live-stream filtering. Cheap
   (no torch), so the load benchmark and fault tests measure delivery, not training, on
   shared CPUs; it serves the same candidate HTTP API.
@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException, Query
 
 from cloud_recsys.candidates import Candidates, quantize_rows
 from cloud_recsys.availability import Availability
-from cloud_recsys.http import candidates_from_json, candidates_to_json
+from cloud_recsys.http import candidates_to_json
 from streams.batch import EventBatch
 from streams.schema import POSITIVE_KINDS
 from tandem.services.settings import CloudSettings
@@ -92,6 +92,11 @@ class PopularityEngine:
         with self._lock:
             self.updates_seen += len(updates)
 
+    def resume_versions_after(self, version: int) -> None:
+        """Continue numbering after ``version`` (one announced before a restart)."""
+        with self._lock:
+            self.version = max(self.version, int(version))
+
     def refresh(self) -> int:
         with self._lock:
             items = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
@@ -152,58 +157,34 @@ class PopularityEngine:
 
         @app.post("/candidates:batch")
         def batch(body: dict[str, Any]) -> dict[str, Any]:
-            users = body.get("user_ids")
-            if not isinstance(users, list):
-                raise HTTPException(422, "user_ids must be a list")
+            reqs = body.get("requests")
+            if isinstance(reqs, list):  # the fleet's form: per-request user and time (sessions unused here)
+                try:
+                    pairs = [(int(r["user_id"]), int(r.get("at_ms", body.get("at_ms", 0)))) for r in reqs]
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    raise HTTPException(422, "requests must be objects with an integer user_id") from None
+            else:
+                users = body.get("user_ids")
+                if not isinstance(users, list):
+                    raise HTTPException(422, "give requests or user_ids as a list")
+                pairs = [(int(u), int(body.get("at_ms", 0))) for u in users]
             k = int(body.get("k", 100))
-            return {"results": [candidates_to_json(self.candidates(int(u), k, int(body.get("at_ms", 0)))) for u in users], "model_version": self.version}
+            return {"results": [candidates_to_json(self.candidates(u, k, at)) for u, at in pairs], "model_version": self.version}
 
         return app
 
 
-class TwoTowerEngine:
-    """cloud_recsys' two-tower trainer, candidate service and refresh hook behind the engine API."""
+def _recommender_engine(settings: CloudSettings) -> Any:
+    from tandem.services.recommender_engine import RecommenderEngine  # torch + faiss only when chosen
 
-    def __init__(self, settings: CloudSettings) -> None:
-        from tandem.services import cloud_glue
-
-        self.settings = settings
-        self._glue = cloud_glue.TwoTowerGlue(settings)
-
-    @property
-    def version(self) -> int:
-        return self._glue.version
-
-    def train(self, batch: EventBatch) -> None:
-        self._glue.train(batch)
-
-    def apply_availability(self, batch: EventBatch) -> None:
-        self._glue.apply_availability(batch)
-
-    def apply_updates(self, updates: list[Any]) -> None:
-        self._glue.apply_updates(updates)
-
-    def refresh(self) -> int:
-        return self._glue.refresh()
-
-    def topk(self, user_id: int, k: int, at_ms: int) -> np.ndarray:
-        return self._glue.topk(user_id, k, at_ms)
-
-    def save(self, path: Path) -> None:
-        self._glue.save(path)
-
-    def load(self, path: Path) -> None:
-        self._glue.load(path)
-
-    def http_app(self) -> FastAPI:
-        return self._glue.http_app()
+    return RecommenderEngine(settings)
 
 
-ENGINES: dict[str, Callable[[CloudSettings], Any]] = {"twotower": TwoTowerEngine, "popular": PopularityEngine}
+ENGINES: dict[str, Callable[[CloudSettings], Any]] = {"recommender": _recommender_engine, "popular": PopularityEngine}
 
 
 def make_engine(name: str, settings: CloudSettings) -> Any:
-    """An engine by name: ``twotower`` (default) or ``popular``."""
+    """An engine by name: ``recommender`` (default) or ``popular``."""
     try:
         return ENGINES[name](settings)
     except KeyError:

@@ -1,43 +1,48 @@
-"""The device-fleet service: simulated devices, one per user, driven by ``interactions``.
+"""The device-fleet service: the evaluation's fleet (``StrategyFleet``), driven by ``interactions``.
 
 Each worker is a member of consumer group ``fleet``; the broker gives each replica a
-disjoint set of partitions, hence of users (events are keyed by user). For every user
-action a worker:
+disjoint set of partitions, hence of users (events are keyed by user). For each polled
+record the worker does what ``tandem evaluate`` does for a mini-batch:
 
-1. makes sure the user's device holds candidates from the current model version
-   (``POST /candidates:batch`` on the cloud API; one call per poll for all stale devices);
-2. ``observe``s the action on the device and re-ranks (latency measured);
-3. every ``update_every`` actions, sends the device's signed update envelope to
-   ``device-updates`` (key = device id).
+1. asks the fetch schedule (``tandem.strategies.schedule``) which actions come with a fetch
+   or a sync, and fetches every such list in one ``POST /candidates:batch``, each request
+   carrying the device's recent items as of its own action;
+2. per action: the device receives its list (at a sync it also takes the newest shared
+   reranker, personalizes and may upload), ranks (what the user sees: scored against the
+   action, the fleet-side prequential NDCG@10), observes the action, may upload;
+3. sends the uploads to ``device-updates`` (key = device id), flushes, commits.
 
-Offsets are committed after the poll's updates are flushed (at-least-once). Device
-sequence numbers start at a time-based base so a restarted worker never reuses a seq
-the cloud has accepted (that would be rejected as "replayed"); a re-delivered envelope is
+Refreshed rerankers arrive on ``model-refresh``. Offsets are committed after the poll's
+updates are flushed (at-least-once). Device sequence numbers start at a time-based base
+so a restarted worker never reuses a seq the cloud has accepted; a re-delivered envelope is
 byte-identical and deduplicated by the cloud.
 """
 
 from __future__ import annotations
 
-import collections
+import json
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import httpx
 import numpy as np
 
+from cloud_recsys.availability import Availability
 from cloud_recsys.candidates import Candidates
 from cloud_recsys.http import candidates_from_json
 from streams.batch import EventBatch, decode_valid
-from streams.schema import AVAILABILITY_KINDS, SchemaError
+from streams.schema import AVAILABILITY_KINDS, POSITIVE_KINDS, SchemaError
 from streams.transport import Consumer, Transport
 from tandem.services.metrics import Registry, add_metrics_routes
-from tandem.services.settings import TOPIC_INTERACTIONS, TOPIC_REFRESH, TOPIC_UPDATES, FleetSettings
+from tandem.services.settings import TOPIC_AVAILABILITY, TOPIC_INTERACTIONS, TOPIC_REFRESH, TOPIC_UPDATES, FleetSettings
 
 log = logging.getLogger(__name__)
 
 _AVAIL = np.array(sorted(int(k) for k in AVAILABILITY_KINDS), dtype=np.uint8)
+_POS = frozenset(int(k) for k in POSITIVE_KINDS)
 
 
 class CandidateClient:
@@ -55,54 +60,60 @@ class CandidateClient:
         self.metrics = registry
 
     def candidates(self, user_id: int, k: int = 100, at_ms: int | None = None) -> Candidates:
-        params: dict[str, Any] = {"user_id": int(user_id), "k": int(k)}
-        if at_ms is not None:
-            params["at_ms"] = int(at_ms)
-        t0 = time.perf_counter()
-        resp = self.http.get(f"{self.base_url}/candidates", params=params)
-        resp.raise_for_status()
-        if self.metrics:
-            self.metrics.observe("candidate_fetch_seconds", time.perf_counter() - t0)
-            self.metrics.inc("candidate_bytes", len(resp.content))
-        return candidates_from_json(resp.json())
+        return self.fetch([{"user_id": int(user_id), **({"at_ms": int(at_ms)} if at_ms is not None else {})}], k)[0]
 
-    def candidates_batch(self, user_ids: list[int], k: int, at_ms: int | None = None) -> list[Candidates]:
-        body: dict[str, Any] = {"user_ids": [int(u) for u in user_ids], "k": int(k)}
-        if at_ms is not None:
-            body["at_ms"] = int(at_ms)
+    def fetch(self, requests: list[dict[str, Any]], k: int) -> list[Candidates]:
+        """One ``POST /candidates:batch``: each request is ``{"user_id", "at_ms", "session": {"item_ids", "ts_ms"}, "exclude"}``."""
         t0 = time.perf_counter()
-        resp = self.http.post(f"{self.base_url}/candidates:batch", json=body)
+        resp = self.http.post(f"{self.base_url}/candidates:batch", json={"requests": requests, "k": int(k)})
         resp.raise_for_status()
         data = resp.json()
         if self.metrics:
             self.metrics.observe("candidate_fetch_seconds", time.perf_counter() - t0)
             self.metrics.inc("candidate_bytes", len(resp.content))
-        return [candidates_from_json(c) for c in data["results"]]  # both engines answer {"results": [...]}
+        return [candidates_from_json(c) for c in data["results"]]
 
     def close(self) -> None:
         self.http.close()
 
 
+class EngineClient:
+    """The candidate API of an engine in the same process (tests and the equivalence check:
+    the fleet's HTTP client minus the HTTP)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def fetch(self, requests: list[dict[str, Any]], k: int) -> list[Candidates]:
+        from tandem.services.recommender_engine import RequestBody
+
+        if hasattr(self.engine, "requests"):  # the recommender engine: sessions travel with the fetch
+            return self.engine.candidates([RequestBody(**r) for r in requests], k, None)
+        return [self.engine.candidates(int(r["user_id"]), k, int(r.get("at_ms", 0))) for r in requests]
+
+
 class FleetWorker:
-    """Simulated devices for the users of this worker's partitions.
+    """The devices of this worker's partitions, run by ``StrategyFleet``.
 
     Args:
-        settings: fleet settings.
+        settings: fleet settings (``strategy`` names what devices run and send).
         transport: topics.
-        client: candidate source (``CandidateClient`` on the cloud URL by default).
-        registry: metrics (``update_bytes``, ``rerank_latency_seconds``, ...).
+        client: candidate source with ``fetch(requests, k)`` (``CandidateClient`` on the cloud URL by default).
+        registry: metrics (``update_bytes``, ``rerank_latency_seconds``, ``device_ndcg``, ...).
     """
 
     def __init__(self, settings: FleetSettings, transport: Transport, client: Any | None = None, registry: Registry | None = None) -> None:
-        from device_rerank.config import DeviceConfig, RerankerConfig
-        from device_rerank.envelope import Keyring
-        from device_rerank.reranker import Reranker
-
         import os
 
         import torch
 
+        from device_rerank.config import DeviceConfig, RerankerConfig
+        from device_rerank.envelope import Keyring
+        from device_rerank.reranker import Reranker
         from tandem.services.devices import master_key
+        from tandem.strategies import make_strategies
+        from tandem.strategies.fleet import StrategyFleet
+        from tandem.strategies.schedule import ScheduleConfig, SyncSchedule
 
         # Devices are tiny models: one thread each is fastest (2 threads on a shared 2-core box
         # made one rerank ~30x slower here).
@@ -111,20 +122,36 @@ class FleetWorker:
         self.transport = transport
         self.metrics = registry or Registry("fleet")
         self.client = client or CandidateClient(settings.cloud_url, settings.http_timeout_s, self.metrics)
-        self.keyring = Keyring(master_key(settings.device_key))
-        self.device_config = DeviceConfig()
-        self.model = Reranker(RerankerConfig())
-        self.model.eval()
-        self.devices: collections.OrderedDict[int, Any] = collections.OrderedDict()
-        self.observed: dict[int, int] = {}
+        self.keyring = Keyring(master_key(settings.device_key, settings.dev_mode or None))
+        self.repeat = settings.domain == "repeat"
+        self.strategy = make_strategies(settings.strategy)[0]
+        model = Reranker(RerankerConfig(emb_dim=settings.embedding_dim))
+        model.eval()
+        base = DeviceConfig(exclude_consumed=not self.repeat, inject_live_recall=self.repeat)
+        # A device's first seq is time-based: monotonic across worker restarts (replay protection).
+        self.fleet = StrategyFleet(self.strategy, model, 0, base, self.keyring, settings.min_new_engagements, seq_start=lambda _u: time.time_ns() // 1000)
+        self.schedule = SyncSchedule(ScheduleConfig(settings.session_gap_ms, settings.fetch_every_ms, settings.refetch_every))
+        self.sessions: dict[int, deque[tuple[int, int]]] = {}  # what each device sends with a fetch
+        self.consumed: dict[int, set[int]] = {}  # feeds: what each device never shows again
+        self.last_positive: dict[int, tuple[int, int]] = {}
         self.cloud_version = 0
+        self._reranker_version = -1  # the cloud's initial reranker (version 0) replaces the local one too
         self.consumer: Consumer | None = None
         self.refresh_consumer: Consumer | None = None
+        self.availability_consumer: Consumer | None = None
+        self.availability = Availability(max_transitions=32)  # what is live now: the devices' context
+        self._live_cache: tuple[int, set[int] | None] = (-1, None)
         self._seen = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.events_observed = 0
         self.updates_sent = 0
+        self.points = 0
+        self.ndcg_sum = 0.0
+
+    @property
+    def devices(self) -> dict[int, Any]:
+        return self.fleet.devices
 
     def open(self) -> "FleetWorker":
         from tandem.services.cloud_service import IdSet
@@ -141,58 +168,69 @@ class FleetWorker:
             TOPIC_REFRESH, f"{self.settings.group}-refresh", partitions=list(range(self.transport.partitions(TOPIC_REFRESH)))
         )
         self.refresh_consumer.seek_to_beginning()
+        # Every worker reads every transition too (devices know which streams are live).
+        self.transport.create_topic(TOPIC_AVAILABILITY, 1)
+        self.availability_consumer = self.transport.consumer(
+            TOPIC_AVAILABILITY, f"{self.settings.group}-availability", partitions=list(range(self.transport.partitions(TOPIC_AVAILABILITY)))
+        )
+        self.availability_consumer.seek_to_beginning()
         return self
 
-    def _device(self, user_id: int) -> Any:
-        from device_rerank.device import Device
+    def _poll_availability(self) -> None:
+        """Apply every availability transition published so far (before the actions that follow it)."""
+        assert self.availability_consumer is not None
+        while recs := self.availability_consumer.poll(self.settings.poll_records, timeout_s=0.0):
+            for rec in recs:
+                try:
+                    batch, _bad = decode_valid(rec.value)
+                except SchemaError:
+                    continue  # the cloud dead-letters it
+                self.availability.apply(batch)
 
-        dev = self.devices.get(user_id)
-        if dev is not None:
-            self.devices.move_to_end(user_id)
-            return dev
-        dev = Device(user_id, self.model, self.device_config, key=self.keyring.key_for(user_id))
-        dev.seq = time.time_ns() // 1000  # monotonic across worker restarts (replay protection)
-        self.devices[user_id] = dev
-        self.observed[user_id] = 0
-        while len(self.devices) > self.settings.max_devices:
-            old, _ = self.devices.popitem(last=False)
-            self.observed.pop(old, None)
-        self.metrics.set("devices", len(self.devices), help="devices in memory")
-        return dev
+    def _live_at(self, ts_ms: int) -> set[int] | None:
+        """Items live at ``ts_ms`` (None when the stream carries no availability: a feed)."""
+        if not len(self.availability):
+            return None
+        if self._live_cache[0] != ts_ms:
+            self._live_cache = (ts_ms, set(self.availability.live(ts_ms).tolist()))
+        return self._live_cache[1]
 
     def _poll_refresh(self) -> None:
-        assert self.refresh_consumer is not None
-        import json
+        """Take the newest shared reranker the cloud shipped (devices swap it in at their next sync)."""
+        from tandem.services.recommender_engine import decode_reranker
 
+        assert self.refresh_consumer is not None
+        newest: dict[str, Any] | None = None
         for rec in self.refresh_consumer.poll(100, timeout_s=0.0):
             try:
-                self.cloud_version = max(self.cloud_version, int(json.loads(rec.value)["model_version"]))
+                msg = json.loads(rec.value)
+                self.cloud_version = max(self.cloud_version, int(msg["model_version"]))
             except (ValueError, KeyError, TypeError):
+                self.metrics.inc("refresh_messages_bad", help="unreadable model-refresh messages skipped")
                 continue
+            if "reranker" in msg and int(msg.get("reranker_version", -1)) > self._reranker_version:
+                newest = msg
+        if newest is not None:
+            if newest.get("strategy") not in (None, self.strategy.name):
+                log.warning("model-refresh comes from strategy %r, this fleet runs %r: reranker ignored", newest.get("strategy"), self.strategy.name)
+            else:
+                try:
+                    model = decode_reranker(newest["reranker"], self.settings.embedding_dim)
+                    self.fleet.set_model(model, int(newest["reranker_version"]))
+                    self._reranker_version = int(newest["reranker_version"])
+                    self.metrics.inc("rerankers_received", help="shared rerankers taken from model-refresh")
+                except ValueError as exc:
+                    self.metrics.inc("refresh_messages_bad")
+                    log.warning("model-refresh reranker refused: %s", exc)
         self.metrics.set("cloud_model_version", self.cloud_version)
 
-    def _stale(self, dev: Any) -> bool:
-        """A device refetches when it has no (or an empty) list or the cloud has refreshed since."""
-        return dev.cands is None or len(dev.cands) == 0 or dev.model_version < self.cloud_version
-
-    def _refresh_devices(self, users: np.ndarray, at_ms: int) -> None:
-        stale = [int(u) for u in users if self._stale(self._device(int(u)))]
-        if not stale:
-            return
-        try:
-            if hasattr(self.client, "candidates_batch"):
-                lists = self.client.candidates_batch(stale, self.settings.k, at_ms)
-            else:
-                lists = [self.client.candidates(u, self.settings.k, at_ms) for u in stale]
-        except httpx.HTTPError as exc:
-            self.metrics.inc("candidate_fetch_errors")
-            log.warning("candidate fetch failed (%s); devices keep their cached lists", exc)
-            return
-        for user, cands in zip(stale, lists):
-            dev = self._device(user)
-            dev.cloud_calls += 1
-            dev.receive(cands, at_ms)
-            self.metrics.inc("bytes_downloaded", cands.nbytes, help="candidate payload bytes sent to devices")
+    def _evict(self) -> None:
+        while len(self.fleet.devices) > self.settings.max_devices:
+            old = next(iter(self.fleet.devices))
+            self.fleet.forget(old)
+            self.schedule.forget(old)
+            for d in (self.sessions, self.consumed, self.last_positive):
+                d.pop(old, None)
 
     def _handle(self, batch: EventBatch) -> None:
         fresh = ~self._seen.contains(batch.event_id)
@@ -201,34 +239,73 @@ class FleetWorker:
         idx = np.flatnonzero(user_rows)
         if len(idx) == 0:
             return
-        self._refresh_devices(np.unique(batch.user_id[idx]), int(batch.ts_ms[idx[0]]))
-        produced = 0
-        for i in idx.tolist():
-            user = int(batch.user_id[i])
-            ts = int(batch.ts_ms[i])
-            dev = self._device(user)
-            t0 = time.perf_counter()
-            dev.observe(ts, int(batch.item_id[i]), int(batch.kind[i]), float(batch.value[i]))
-            dev.ranking(ts)
-            self.metrics.observe("rerank_latency_seconds", time.perf_counter() - t0, help="observe + rerank on device")
+        users, ts, items, kinds, vals = (batch.user_id[idx].tolist(), batch.ts_ms[idx].tolist(), batch.item_id[idx].tolist(), batch.kind[idx].tolist(), batch.value[idx].tolist())
+        gap = self.settings.session_gap_ms
+        # pass 1: which actions fetch (each request carries the device's session as of its action)
+        plan: list[tuple[bool, bool, bool]] = []  # (prediction point, fetch, sync)
+        shown_filter: list[set[int] | None] = []  # rerank off, feeds: what the client drops (consumed before)
+        client_filters = not self.repeat and not self.strategy.rerank
+        requests: list[dict[str, Any]] = []
+        for u, t, it, kd in zip(users, ts, items, kinds):
+            positive = kd in _POS
+            prev = self.last_positive.get(u)
+            point = positive and not (prev is not None and prev[0] == it and t - prev[1] <= gap)
+            fetch, sync = self.schedule.step(u, t, point)
+            plan.append((point, fetch, sync))
+            shown_filter.append(set(self.consumed.get(u, ())) if client_filters and point else None)
+            if fetch:
+                sess = self.sessions.get(u, ())
+                req: dict[str, Any] = {"user_id": u, "at_ms": t, "session": {"item_ids": [i for i, _ in sess], "ts_ms": [x for _, x in sess]}}
+                if not self.repeat and self.consumed.get(u):
+                    req["exclude"] = sorted(self.consumed[u])
+                requests.append(req)
+            if positive:
+                self.last_positive[u] = (it, t)
+                d = self.sessions.get(u)
+                if d is None:
+                    d = self.sessions[u] = deque(maxlen=self.settings.session_len)
+                d.append((it, t))
+                if not self.repeat:
+                    self.consumed.setdefault(u, set()).add(it)
+        lists: list[Candidates] = []
+        if requests:
+            try:
+                lists = self.client.fetch(requests, self.settings.k)
+            except httpx.HTTPError as exc:
+                self.metrics.inc("candidate_fetch_errors", help="candidate fetches that failed (devices keep their lists)")
+                log.warning("candidate fetch failed (%s); devices keep their cached lists", exc)
+            self.metrics.inc("fetches", len(lists), help="candidate lists fetched")
+        # pass 2: receive, rank (scored), observe, upload - as the evaluation does per action
+        li = 0
+        for (point, fetch, sync), consumed, u, t, it, kd, val in zip(plan, shown_filter, users, ts, items, kinds, vals):
+            if fetch and li < len(lists):
+                self.fleet.receive(u, t, lists[li], sync, tag=u)
+                li += 1
+            if point:
+                t0 = time.perf_counter()
+                ranking = self.fleet.ranking(u, t, self._live_at(t), consumed)[:10]
+                self.metrics.observe("rerank_latency_seconds", time.perf_counter() - t0, help="rank on device")
+                hit = np.flatnonzero(ranking == it)
+                self.points += 1
+                self.ndcg_sum += 1.0 / float(np.log2(hit[0] + 2)) if len(hit) else 0.0
+            self.fleet.observe(u, t, it, kd, val, point, tag=u)
             self.events_observed += 1
-            self.observed[user] = self.observed.get(user, 0) + 1
-            if self.observed[user] % self.settings.update_every == 0:
-                env = dev.make_update(self.settings.family, ts)
-                if env is None:
-                    continue
-                raw = env.encode()
-                self.transport.produce(TOPIC_UPDATES, raw, key=str(user).encode())
-                produced += 1
-                self.updates_sent += 1
-                self.metrics.inc("update_bytes", len(raw), help="bytes uploaded by devices")
-                self.metrics.inc("updates_sent", help="update envelopes sent")
+        for raw, user in self.fleet.take_outbox():
+            self.transport.produce(TOPIC_UPDATES, raw, key=str(user).encode())
+            self.updates_sent += 1
+            self.metrics.inc("update_bytes", len(raw), help="bytes uploaded by devices")
+            self.metrics.inc("updates_sent", help="update envelopes sent")
+        self._evict()
+        self.metrics.set("devices", len(self.fleet.devices), help="devices in memory")
         self.metrics.set("events_observed", self.events_observed, help="user actions observed by devices")
+        if self.points:
+            self.metrics.set("device_ndcg", self.ndcg_sum / self.points, help="prequential NDCG@10 of what devices show")
 
     def step(self, timeout_s: float = 0.2) -> int:
         """Poll once, process, flush updates, commit; returns records processed."""
         assert self.consumer is not None
         self._poll_refresh()
+        self._poll_availability()
         recs = self.consumer.poll(self.settings.poll_records, timeout_s=timeout_s)
         for rec in recs:
             if self._stop.is_set():  # stop promptly; the uncommitted rest is re-read by the next worker
@@ -262,7 +339,7 @@ class FleetWorker:
 
     def close(self) -> None:
         self.transport.flush()
-        for cons in (self.consumer, self.refresh_consumer):
+        for cons in (self.consumer, self.refresh_consumer, self.availability_consumer):
             if cons is not None:
                 cons.close()
         if isinstance(self.client, CandidateClient):
@@ -270,7 +347,7 @@ class FleetWorker:
 
     def health(self) -> dict[str, Any]:
         ok = self.error is None
-        return {"status": "ok" if ok else "error", "devices": len(self.devices), "events_observed": self.events_observed}
+        return {"status": "ok" if ok else "error", "strategy": self.strategy.name, "devices": len(self.fleet.devices), "events_observed": self.events_observed}
 
 
 def serve(settings: FleetSettings, max_idle_s: float | None = None) -> None:

@@ -88,12 +88,22 @@ class CloudSettings:
     Args:
         transport: ``kafka://host:port`` or ``embedded:/path`` (see streams.transports).
         host / port: where the candidate + metrics HTTP API listens.
-        engine: "twotower" (cloud_recsys) or "popular" (cheap baseline for load tests).
+        engine: "recommender" (cloud_recsys' CloudRecommender, the evaluation's cloud) or
+            "popular" (cheap baseline for load tests).
+        strategy: the collaboration strategy whose aggregation rule device updates go
+            through (``tandem.strategies``; the fleet must run the same one).
+        domain: "repeat" (livestreams, sessions) or "feed" (consumed items never returned).
+        trust_radius: the shipped reranker stays within this L2 distance of the initial one.
+        max_staleness_versions: updates stamped with a model this many refreshes old are still
+            accepted (as in the evaluation).
         group: consumer group of the cloud's topic readers.
         partitions: partitions created for ``interactions`` when the service creates topics.
         checkpoint_dir: model + offsets + dedup state; empty disables checkpoints.
         checkpoint_every_s / checkpoint_every_events: checkpoint schedule (whichever first).
-        refresh_every_events: publish a model refresh after this many applied events.
+        refresh_every_events: publish a model refresh after this many applied user actions.
+        refresh_when_idle: also aggregate and refresh whenever the topics run dry (a paused
+            stream is served fresh); off, refreshes follow ``refresh_every_events`` alone, as
+            in the evaluation's schedule.
         poll_records: records per poll (the bounded in-flight unit: back-pressure).
         max_pending_updates: device updates buffered before consumption of updates pauses.
         aggregate_batch / aggregate_every_s: aggregate buffered updates when this many are
@@ -104,19 +114,27 @@ class CloudSettings:
         dev_mode: run with a published insecure key when ``device_key`` is empty (local demos only).
         num_users / num_items / embedding_dim: model capacity (online id maps grow up to these).
         k: candidates per request when the client gives none.
-        source: optional log used to warm-start (item categories, availability).
+        source / events: the log being replayed, whose item catalogue (categories) the cloud
+            knows from the start (``events`` as the replayer's: a synthetic world's catalogue
+            depends on its size). Empty: no catalogue.
     """
 
     transport: str = "kafka://127.0.0.1:9092"
     host: str = "127.0.0.1"
     port: int = 8000
-    engine: str = "twotower"
+    engine: str = "recommender"
+    strategy: str = "feature"
+    domain: str = "repeat"
+    trust_radius: float = 0.5
+    max_staleness_versions: int = 8
+    seed: int = 0
     group: str = "cloud"
     partitions: int = 4
     checkpoint_dir: str = ""
     checkpoint_every_s: float = 30.0
     checkpoint_every_events: int = 50_000
     refresh_every_events: int = 5_000
+    refresh_when_idle: bool = True
     poll_records: int = 200
     max_pending_updates: int = 1_000
     aggregate_batch: int = 256
@@ -130,6 +148,7 @@ class CloudSettings:
     k: int = 100
     eval_sample: int = 64
     source: str = ""
+    events: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,9 +160,16 @@ class FleetSettings:
 
     Args:
         cloud_url: base URL of the cloud candidate API.
-        update_every: a device sends an update after this many observed actions.
-        family: update family ("feature" | "parameter" | "data").
-        max_devices: devices kept in memory (least recently used are dropped).
+        strategy: what devices run and send (``tandem.strategies``; the cloud must run the
+            same one): rerank, update families, upload policy, personalization.
+        domain: "repeat" or "feed" (devices drop consumed items).
+        session_gap_ms / fetch_every_ms / refetch_every: the fetch schedule
+            (``tandem.strategies.schedule``), as in the evaluation.
+        min_new_engagements: parameter/data uploads and personalization need this many new
+            engagements since the device's last one.
+        session_len: recent items a device sends with each fetch.
+        embedding_dim: the reranker's width (the cloud's ``embedding_dim``).
+        max_devices: devices kept in memory (the oldest are dropped).
         k: candidates fetched per device refresh.
         device_key / dev_mode: as ``CloudSettings`` (devices sign with keys derived from it).
     """
@@ -155,10 +181,16 @@ class FleetSettings:
     group: str = "fleet"
     device_key: str = ""
     dev_mode: bool = False
-    update_every: int = 20
-    family: str = "feature"
+    strategy: str = "feature"
+    domain: str = "repeat"
+    session_gap_ms: int = 30 * 60_000
+    fetch_every_ms: int = 30 * 60_000
+    refetch_every: int = 1
+    min_new_engagements: int = 3
+    session_len: int = 32
+    embedding_dim: int = 32
     max_devices: int = 5_000
-    k: int = 50
+    k: int = 100
     poll_records: int = 200
     http_timeout_s: float = 5.0
 

@@ -20,7 +20,7 @@ from cloud_recsys.candidates import Candidates, quantize_rows
 from cloud_recsys.recommender import CloudRecommender, Request
 from device_rerank.config import CTX_FEATURES, DeviceConfig
 from device_rerank.encoders import HardExamples
-from device_rerank.envelope import Keyring, UpdateVerifier
+from device_rerank.envelope import Keyring, UpdateVerifier, make_verifier
 from device_rerank.reranker import Reranker
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,9 @@ class StrategyCloud:
     Args:
         reranker: the strategy's shared reranker (cloud copy; devices get it at fetches).
         data_fit_steps: gradient steps fitting the reranker's prior head on data examples.
+        data_fit_lr / data_fit_l2: Adam step and pull-to-previous of that fit (defaults: the
+            evaluation's ``EvalConfig``, so the services run the same rule).
+        trust_radius: shipped rerankers stay within this L2 distance of the initial one.
     """
 
     def __init__(
@@ -41,7 +44,7 @@ class StrategyCloud:
         reranker: Reranker,
         data_fit_steps: int = 30,
         data_fit_lr: float = 0.05,
-        data_fit_l2: float = 0.01,
+        data_fit_l2: float = 1.0,
         trust_radius: float | None = None,
     ) -> None:
         self.trust_radius = trust_radius
@@ -212,14 +215,20 @@ def serve_candidates(sc: StrategyCloud, cloud: CloudRecommender, requests: Seque
     return out
 
 
-def verifier_for(keyring: Keyring, reranker: Reranker, device_config: DeviceConfig, max_staleness_versions: int) -> UpdateVerifier:
-    """The update contract devices of a strategy must meet: their keys, the reranker's size and
-    width, and the parameter encoder's norm bound (one set-up for the evaluation and the services)."""
-    n_params, dim = reranker.num_parameters(), reranker.config.emb_dim
-    return UpdateVerifier(
+def verifier_for(
+    keyring: Keyring,
+    reranker: Reranker,
+    device_config: DeviceConfig,
+    max_staleness_versions: int,
+    previous: tuple[Keyring, ...] = (),
+) -> UpdateVerifier:
+    """The update contract devices of a strategy must meet (``make_verifier``: keys, the
+    reranker's size and width, norm bounds, example caps) for the evaluation and the services."""
+    return make_verifier(
         keyring,
+        reranker.num_parameters(),
+        reranker.config.emb_dim,
+        device_config,
         max_staleness_versions=max_staleness_versions,
-        param_norm_bound=device_config.parameter.send_bound(n_params, dim),
-        n_params=n_params,
-        emb_dim=dim,
+        previous=previous,
     )
