@@ -206,7 +206,7 @@ def candidates_curl(base_url: str, source: str, events: int) -> str:
     return f"curl '{base_url}/candidates?user_id={user}&k=10{at}'"
 
 
-def auto_speed(source: str, events: int, seconds: float = 40.0) -> float | None:
+def auto_speed(source: str, events: int, seconds: float = 60.0) -> float | None:
     """A pace that replays the log in about ``seconds``: at full speed the replay outruns the
     cloud, whose first refresh then comes after every device has already fetched an empty list."""
     from tandem.services.replayer_service import load_log
@@ -284,7 +284,7 @@ def register(app: typer.Typer) -> None:
         kafka: bool = typer.Option(False, "--kafka", help="use a local tansu Kafka broker instead of the embedded log"),
         engine: str = typer.Option("recommender", "--engine", help="cloud engine: recommender | popular"),
         strategy: str = typer.Option("feature", "--strategy", help="collaboration strategy the cloud and the fleet run"),
-        speed: str = typer.Option("auto", "--speed", help=SPEED_HELP + "; auto: the replay takes about 40 s"),
+        speed: str = typer.Option("auto", "--speed", help=SPEED_HELP + "; auto: the replay takes about a minute"),
         screenshot_path: Optional[Path] = typer.Option(None, "--screenshot", help="save a dashboard PNG (headless chromium)"),
         exit_when_done: bool = typer.Option(False, "--exit-when-done", help="stop once the replay is fully processed"),
     ) -> None:
