@@ -76,13 +76,13 @@ def test_labels_must_be_unique() -> None:
 
 
 def test_split_by_cost_balances_and_covers() -> None:
-    from tandem.evaluation.prequential import split_by_cost
+    from tandem.evaluation.parallel import split_by_cost
 
     strats = make_strategies("all")
     groups = split_by_cost(strats, 2)
     assert sorted(i for g in groups for i in g) == list(range(len(strats))) and len(groups) == 2
     assert split_by_cost(strats[:1], 4) == [[0]]
-    from tandem.evaluation.prequential import _BASELINES_COST, _COST
+    from tandem.evaluation.parallel import _BASELINES_COST, _COST
 
     load = [sum(_COST[strats[i].name] for i in g) for g in groups]
     load[0] += _BASELINES_COST

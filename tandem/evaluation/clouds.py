@@ -15,7 +15,7 @@ from cloud_recsys.recommender import CloudRecommender, RecommenderConfig, build_
 from streams.datasets.base import EventLog
 
 if TYPE_CHECKING:
-    from tandem.evaluation.prequential import EvalConfig
+    from tandem.evaluation.protocol import EvalConfig
 
 
 def recommender_for(

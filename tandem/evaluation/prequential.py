@@ -24,6 +24,11 @@ Protocol (River's ``progressive_val_score`` applied to a recommender system):
   the device reports consumed; devices and cloud-only's display drop them too.
 * Baselines (``baselines.py``) are scored on the same points.
 
+Layout: this module is the thin driver (``run_prequential``, ``_run``: serve, test, learn,
+aggregate, per window); ``protocol.py`` holds what is predicted when and against what
+(config, prediction points, fetch/sync flags, relevant sets, availability, domain), and
+``parallel.py`` the multi-process runner.
+
 Sharing work: one cloud training pass serves every strategy. Strategy-specific
 cloud state (interest vectors, item-row deltas, reranker weights) is an overlay on
 the shared model (``StrategyCloud``); retrieval is batched over all fetches of a
@@ -43,7 +48,6 @@ import numpy as np
 import torch
 
 from cloud_recsys.candidates import Candidates
-from cloud_recsys.recommender import CloudRecommender, Request, Session
 from device_rerank.config import DeviceConfig, RerankerConfig
 from device_rerank.device import rescore_batched, time_single_rescore
 from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, UpdateVerifier
@@ -55,110 +59,28 @@ from tandem.evaluation.baselines import DESCRIPTIONS as _BASELINE_DESC
 from tandem.evaluation.baselines import Baselines
 from tandem.evaluation.clouds import recommender_for
 from tandem.evaluation.bootstrap import bootstrap_many, paired_relative_diff
-from tandem.evaluation.metrics import KS, PredictionLog, device_days, latency_summary, metric_names, ndcg_at_k, per_point_values, time_series
+from tandem.evaluation.metrics import PredictionLog, device_days, latency_summary, metric_names, ndcg_at_k, per_point_values, time_series
+from tandem.evaluation.parallel import run_parallel
+from tandem.evaluation.protocol import (
+    CloudFactory,
+    CloudModel,
+    EvalConfig,
+    LiveIndex,
+    prediction_points,
+    relevant_sets,
+    resolve_domain,
+    sync_flags,
+    window_requests,
+)
 from tandem.evaluation.results import EvaluationResult, Points, StrategyResult
 from tandem.strategies.base import Strategy
 from tandem.strategies.fleet import StrategyFleet
-from tandem.strategies.schedule import ScheduleConfig, SyncSchedule
 from tandem.strategies.server import StrategyCloud, serve_candidates, verifier_for
 
 logger = logging.getLogger(__name__)
 
 _POS = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
 _AVAIL = np.array(sorted(int(k) for k in AVAILABILITY_KINDS), dtype=np.uint8)
-
-
-# -- configuration ------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalConfig:
-    """Knobs of the replay protocol.
-
-    Args:
-        k: candidates per fetch (the device's cached list).
-        batch_size: events per cloud mini-batch (ingestion granularity).
-        refresh_every: events between cloud refreshes / aggregation rounds (R).
-        fetch_every_ms: a device re-fetches after this long within a session (T).
-        session_gap_ms: inactivity that starts a new session (and a fetch).
-        ks: metric cut-offs.
-        relevant_window: Recall@K's relevant set = distinct items of the next this-many
-            positives of the user within the session (including the target).
-        domain: "repeat" (items are consumed again: livestreams, sessions), "feed" (a consumed
-            item is never shown again) or "auto" (``resolve_domain``).
-        refetch_every: a device fetches again after this many engagements within a session
-            (its session travels with the fetch; 0 = only on session start and time).
-        max_staleness_rounds: the verifier accepts updates this many versions old.
-        n_boot: bootstrap replicates.
-        max_events: replay only the first N events (None = all).
-        cloud_dim: embedding width of the cloud model (and the reranker).
-        data_fit_steps: cloud steps fitting the reranker head on data-family examples per round.
-        latency_sample_every: time one unbatched on-device re-score every this many rankings.
-        min_new_engagements: parameter/data uploads and personalization need this many new
-            engagements on the device since its last one.
-        data_fit_lr, data_fit_l2: Adam step and pull-to-previous of the cloud fit on data examples.
-        trust_radius: the shared reranker that learned strategies ship stays within this L2
-            distance of the reranker the fleet started with (None = unbounded). 0.5 measured
-            on Twitch: data -26.9% -> +3.2%, federated -5.2% -> +2.8% NDCG@10 vs cloud-only
-            (whole log); 2.0 changed nothing on the first 20k events.
-        seed: everything random.
-    """
-
-    k: int = 100
-    batch_size: int = 256
-    refresh_every: int = 1000
-    fetch_every_ms: int = 30 * 60_000
-    session_gap_ms: int = 30 * 60_000
-    ks: tuple[int, ...] = KS
-    relevant_window: int = 20
-    domain: str = "auto"
-    refetch_every: int = 1
-    max_staleness_rounds: int = 8
-    n_boot: int = 1000
-    max_events: int | None = None
-    cloud_dim: int = 32
-    data_fit_steps: int = 30
-    latency_sample_every: int = 20
-    min_new_engagements: int = 3
-    data_fit_lr: float = 0.05
-    data_fit_l2: float = 1.0
-    trust_radius: float | None = 0.5
-    seed: int = 0
-
-
-#: The cloud the loop drives (``cloud_recsys.recommender.CloudRecommender``).
-CloudModel = CloudRecommender
-#: Builds the cloud for a log: (log, config, exclude_consumed, allowed_at) -> CloudRecommender.
-CloudFactory = Callable[[EventLog, "EvalConfig", bool, Callable[[int], "np.ndarray | None"] | None], CloudRecommender]
-
-
-# -- availability ---------------------------------------------------------------
-class LiveIndex:
-    """Items live at a time, from ``EventLog.availability`` (None everywhere when unknown)."""
-
-    def __init__(self, log: EventLog) -> None:
-        a = log.availability
-        self.enabled = a is not None and len(a) > 0
-        self._cache: dict[int, tuple[np.ndarray, set[int]]] = {}
-        if self.enabled:
-            order = np.argsort(a.start_ms.to_numpy(), kind="stable")
-            self.start = a.start_ms.to_numpy()[order].astype(np.int64)
-            self.end = a.end_ms.to_numpy()[order].astype(np.int64)
-            self.item = a.item_id.to_numpy()[order].astype(np.int64)
-            self.max_len = int((self.end - self.start).max()) if len(self.start) else 0
-
-    def at(self, ts_ms: int) -> tuple[np.ndarray, set[int]] | None:
-        if not self.enabled:
-            return None
-        hit = self._cache.get(ts_ms)
-        if hit is None:
-            lo = int(np.searchsorted(self.start, ts_ms - self.max_len, side="left"))
-            hi = int(np.searchsorted(self.start, ts_ms, side="right"))
-            m = self.end[lo:hi] > ts_ms
-            ids = np.unique(self.item[lo:hi][m])
-            hit = (ids, set(ids.tolist()))
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            self._cache[ts_ms] = hit
-        return hit
 
 
 # -- per-strategy run state -------------------------------------------------------------
@@ -178,118 +100,6 @@ class _Run:
     @property
     def label(self) -> str:
         return self.strategy.label
-
-
-def _schedule(users: np.ndarray, ts: np.ndarray, is_pos: np.ndarray, config: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(fetch, sync) flags per event, from the fleet's own ``SyncSchedule``."""
-    sched = SyncSchedule(ScheduleConfig(config.session_gap_ms, config.fetch_every_ms, config.refetch_every))
-    fetch = np.zeros(len(users), dtype=bool)
-    sync = np.zeros(len(users), dtype=bool)
-    for j, (u, t, p) in enumerate(zip(users.tolist(), ts.tolist(), is_pos.tolist())):
-        fetch[j], sync[j] = sched.step(u, t, p)
-    return fetch, sync
-
-
-def _prediction_points(users: np.ndarray, ts: np.ndarray, items: np.ndarray, positive: np.ndarray, gap_ms: int) -> np.ndarray:
-    """Positives that are a new choice: drop a positive whose user's previous positive was the
-    same item within ``gap_ms`` (the WATCH that completes a LIVE_ENTER, a re-entered stream).
-
-    Such events are still observed by every learner; they are just not scored, since
-    predicting "the item you are watching" would flatter any model that remembers it.
-    """
-    out = positive.copy()
-    last: dict[int, tuple[int, int]] = {}
-    for j in np.flatnonzero(positive).tolist():
-        u, it, t = int(users[j]), int(items[j]), int(ts[j])
-        prev = last.get(u)
-        if prev is not None and prev[0] == it and t - prev[1] <= gap_ms:
-            out[j] = False
-        last[u] = (it, t)
-    return out
-
-
-def _relevant_sets(users: np.ndarray, ts: np.ndarray, items: np.ndarray, is_pos: np.ndarray, config: EvalConfig) -> list[set[int] | None]:
-    """Recall@K labels per event: distinct items of the user's next ``relevant_window`` positives in-session.
-
-    Labels may look ahead (they are what is scored), predictions never do.
-    """
-    out: list[set[int] | None] = [None] * len(users)
-    by_user: dict[int, list[int]] = {}
-    for j in np.flatnonzero(is_pos).tolist():
-        by_user.setdefault(int(users[j]), []).append(j)
-    w = config.relevant_window
-    for idx in by_user.values():
-        for a, j in enumerate(idx):
-            rel = {int(items[j])}
-            for b in range(a + 1, min(a + w, len(idx))):
-                jb = idx[b]
-                if ts[jb] - ts[idx[b - 1]] > config.session_gap_ms:
-                    break
-                rel.add(int(items[jb]))
-            out[j] = rel
-    return out
-
-
-def _window_requests(
-    fidx: np.ndarray,
-    users: np.ndarray,
-    ts: np.ndarray,
-    items: np.ndarray,
-    positive: np.ndarray,
-    w0: int,
-    sessions: dict[int, deque[tuple[int, int]]],
-    engaged: dict[int, set[int]],
-    session_len: int,
-    repeat_domain: bool,
-    allowed_at: Callable[[int], np.ndarray | None] | None,
-) -> list[Request]:
-    """The fetch requests of one window, each carrying the device's session as of its own event.
-
-    ``sessions``/``engaged`` hold the state at the window start; the window's earlier
-    positives are replayed on copies (a device sees its user's actions at once), so a
-    fetch carries exactly the events before it, never its own or a later one.
-    """
-    fset = set(fidx.tolist())
-    fusers = set(users[fidx].tolist())
-    local = {u: deque(sessions.get(u, ()), maxlen=session_len) for u in fusers}
-    consumed = None if repeat_domain else {u: set(engaged.get(u, ())) for u in fusers}
-    out: list[Request] = []
-    for j in range(w0, int(fidx.max()) + 1):
-        u = int(users[j])
-        if u not in local:
-            continue
-        if j in fset:
-            sess = Session.from_pairs(local[u])
-            t = int(ts[j])
-            out.append(Request(u, t, sess, allowed_at(t) if allowed_at is not None else None, set(consumed[u]) if consumed is not None else None))
-        if positive[j]:
-            local[u].append((int(items[j]), int(ts[j])))
-            if consumed is not None:
-                consumed[u].add(int(items[j]))
-    return out
-
-
-def resolve_domain(domain: str, has_availability: bool, users: np.ndarray, items: np.ndarray, positive: np.ndarray) -> bool:
-    """Whether the log is a repeat-consumption domain ("repeat"), or a feed where consumed items are
-    never shown again ("feed"). "auto": repeat when the log carries availability (livestreams),
-    or when at least 5% of the positives in the first 10% of the log repeat an item the user
-    already consumed (a warm-up prefix; the rest of the log is not looked at).
-    """
-    if domain not in ("auto", "feed", "repeat"):
-        raise ValueError(f"domain must be auto, feed or repeat, got {domain!r}")
-    if domain != "auto":
-        return domain == "repeat"
-    if has_availability:
-        return True
-    idx = np.flatnonzero(positive)
-    idx = idx[: max(1, len(idx) // 10)]
-    seen: set[tuple[int, int]] = set()
-    rep = 0
-    for j in idx.tolist():
-        key = (int(users[j]), int(items[j]))
-        rep += key in seen
-        seen.add(key)
-    return len(idx) > 0 and rep / len(idx) >= 0.05
 
 
 # -- the loop ----------------------------------------------------------------------
@@ -322,7 +132,7 @@ def run_prequential(
     if len(set(labels)) != len(labels):
         raise ValueError(f"strategy labels must be unique: {labels}")
     if workers > 1 and len(strategies) > 1:
-        return _run_parallel(log, strategies, config, cloud_factory, progress, reference, workers)
+        return run_parallel(log, strategies, config, cloud_factory, progress, reference, workers)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny per-user forwards: thread fan-out costs 5x more than it saves
     try:
@@ -331,94 +141,6 @@ def run_prequential(
         torch.set_num_threads(threads)
     _compare(result.results, reference, config)
     return result
-
-
-#: Relative replay cost of a strategy's devices (measured on the first 10k Twitch events with a
-#: fetch per engagement; used only to balance workers). The first worker also runs the baselines.
-_COST = {"cloud-only": 0.05, "device-rerank": 0.75, "feature": 0.85, "federated": 1.2, "data": 1.0, "hybrid": 1.7}
-_BASELINES_COST = 0.3
-
-
-def split_by_cost(strategies: Sequence[Strategy], workers: int) -> list[list[int]]:
-    """Partition strategy indices into ``workers`` groups of similar cost (group 0 also replays
-    the baselines): exhaustive for two workers and a handful of strategies, else greedy longest-first."""
-    cost = [_COST.get(s.name, 1.0) for s in strategies]
-    n = len(strategies)
-    if workers == 2 and 1 < n <= 14:
-        best: tuple[float, int] | None = None
-        for mask in range(1, 2 ** (n - 1)):  # strategy n-1 always in group 0 (symmetry)
-            b = sum(c for i, c in enumerate(cost) if mask >> i & 1)
-            a = sum(cost) - b + _BASELINES_COST
-            if best is None or max(a, b) < best[0]:
-                best = (max(a, b), mask)
-        assert best is not None
-        g1 = [i for i in range(n) if best[1] >> i & 1]
-        return [[i for i in range(n) if not best[1] >> i & 1], g1]
-    order = sorted(range(len(strategies)), key=lambda i: -_COST.get(strategies[i].name, 1.0))
-    groups: list[list[int]] = [[] for _ in range(min(workers, len(strategies)))]
-    load = [0.0] * len(groups)
-    for i in order:
-        g = int(np.argmin(load))
-        groups[g].append(i)
-        load[g] += _COST.get(strategies[i].name, 1.0)
-    return [sorted(g) for g in groups if g]
-
-
-def _run_parallel(
-    log: EventLog,
-    strategies: Sequence[Strategy],
-    config: EvalConfig,
-    cloud_factory: CloudFactory | None,
-    progress: Callable[[int, int], None] | None,
-    reference: str,
-    workers: int,
-) -> EvaluationResult:
-    import multiprocessing as mp
-    import pickle
-
-    t0 = time.perf_counter()
-    groups = split_by_cost(strategies, workers)
-    ctx = mp.get_context("fork")  # strategies hold lambdas (policy factories): inherit, do not pickle
-
-    def work(idx: list[int], first: bool, conn: Any) -> None:
-        try:
-            torch.set_num_threads(1)
-            res = _run(log, [strategies[i] for i in idx], config, cloud_factory, progress if first else None, reference, baselines=first)
-            conn.send_bytes(pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL))
-        except BaseException as exc:  # report, do not hang the parent
-            conn.send_bytes(pickle.dumps(exc))
-        finally:
-            conn.close()
-
-    procs, pipes = [], []
-    for g, idx in enumerate(groups):
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=work, args=(idx, g == 0, send), daemon=True)
-        p.start()
-        send.close()
-        procs.append(p)
-        pipes.append(recv)
-    parts: list[EvaluationResult] = []
-    for p, recv in zip(procs, pipes):
-        obj = pickle.loads(recv.recv_bytes())
-        p.join()
-        if isinstance(obj, BaseException):
-            raise RuntimeError("a replay worker failed") from obj
-        parts.append(obj)
-    by_label = {r.label: r for part in parts for r in part.results}
-    results = [by_label[s.label] for s in strategies] + [r for r in parts[0].results if r.kind == "baseline"]
-    _compare(results, reference, config)
-    head = parts[0]
-    timings = {k: float(head.timings.get(k, 0.0)) for k in ("cloud_train_s", "retrieval_s", "baselines_s")}
-    timings["devices_s"] = float(sum(p.timings.get("devices_s", 0.0) for p in parts))
-    timings["rounds_s"] = float(sum(p.timings.get("rounds_s", 0.0) for p in parts))
-    timings["worker_replay_max_s"] = float(max(p.timings.get("replay_total_s", 0.0) for p in parts))
-    timings["replay_total_s"] = time.perf_counter() - t0
-    head.results = results
-    head.timings = timings
-    head.wall_s = timings["replay_total_s"]
-    head.config = {**head.config, "workers": len(groups)}
-    return head
 
 
 def _run(
@@ -442,11 +164,11 @@ def _run(
     n = len(whole)
     users, ts, items, kinds, vals = whole.user_id, whole.ts_ms, whole.item_id, whole.kind, whole.value
     is_pos_raw = np.isin(kinds, _POS)
-    is_pos = _prediction_points(users, ts, items, is_pos_raw, config.session_gap_ms)
+    is_pos = prediction_points(users, ts, items, is_pos_raw, config.session_gap_ms)
     live = LiveIndex(log)
     repeat_domain = resolve_domain(config.domain, live.enabled, users, items, np.isin(kinds, _POS))
-    fetch, sync = _schedule(users, ts, is_pos, config)
-    relevant = _relevant_sets(users, ts, items, is_pos, config)
+    fetch, sync = sync_flags(users, ts, is_pos, config)
+    relevant = relevant_sets(users, ts, items, is_pos, config)
     logger.info("replaying %d events (%d prediction points, %d fetches), repeat_domain=%s", n, int(is_pos.sum()), int(fetch.sum()), repeat_domain)
 
     torch.manual_seed(config.seed)
@@ -492,7 +214,7 @@ def _run(
         fidx = np.flatnonzero(fetch[w0:w1]) + w0
         served: dict[int, dict[int, Candidates]] = {}
         if len(fidx):
-            served_reqs = _window_requests(fidx, users, ts, items, is_pos_raw, w0, sessions, engaged, session_len, repeat_domain, allowed_at)
+            served_reqs = window_requests(fidx, users, ts, items, is_pos_raw, w0, sessions, engaged, session_len, repeat_domain, allowed_at)
             by_key: dict[str, dict[int, Candidates]] = {}
             request_bytes = sum(req.session.nbytes + 16 for req in served_reqs)  # every strategy's devices send the same requests
             for ri, r in enumerate(runs):

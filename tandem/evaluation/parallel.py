@@ -1,0 +1,107 @@
+"""Replay a strategy set in several processes: strategies split by cost, each process
+trains its own copy of the (deterministic) cloud and replays its group on the same events."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from streams.datasets.base import EventLog
+from tandem.evaluation.protocol import CloudFactory, EvalConfig
+from tandem.evaluation.results import EvaluationResult
+from tandem.strategies.base import Strategy
+
+
+#: Relative replay cost of a strategy's devices (measured on the first 10k Twitch events with a
+#: fetch per engagement; used only to balance workers). The first worker also runs the baselines.
+_COST = {"cloud-only": 0.05, "device-rerank": 0.75, "feature": 0.85, "federated": 1.2, "data": 1.0, "hybrid": 1.7}
+_BASELINES_COST = 0.3
+
+
+def split_by_cost(strategies: Sequence[Strategy], workers: int) -> list[list[int]]:
+    """Partition strategy indices into ``workers`` groups of similar cost (group 0 also replays
+    the baselines): exhaustive for two workers and a handful of strategies, else greedy longest-first."""
+    cost = [_COST.get(s.name, 1.0) for s in strategies]
+    n = len(strategies)
+    if workers == 2 and 1 < n <= 14:
+        best: tuple[float, int] | None = None
+        for mask in range(1, 2 ** (n - 1)):  # strategy n-1 always in group 0 (symmetry)
+            b = sum(c for i, c in enumerate(cost) if mask >> i & 1)
+            a = sum(cost) - b + _BASELINES_COST
+            if best is None or max(a, b) < best[0]:
+                best = (max(a, b), mask)
+        assert best is not None
+        g1 = [i for i in range(n) if best[1] >> i & 1]
+        return [[i for i in range(n) if not best[1] >> i & 1], g1]
+    order = sorted(range(len(strategies)), key=lambda i: -_COST.get(strategies[i].name, 1.0))
+    groups: list[list[int]] = [[] for _ in range(min(workers, len(strategies)))]
+    load = [0.0] * len(groups)
+    for i in order:
+        g = int(np.argmin(load))
+        groups[g].append(i)
+        load[g] += _COST.get(strategies[i].name, 1.0)
+    return [sorted(g) for g in groups if g]
+
+
+def run_parallel(
+    log: EventLog,
+    strategies: Sequence[Strategy],
+    config: EvalConfig,
+    cloud_factory: CloudFactory | None,
+    progress: Callable[[int, int], None] | None,
+    reference: str,
+    workers: int,
+) -> EvaluationResult:
+    import multiprocessing as mp
+    import pickle
+
+    from tandem.evaluation.prequential import _compare, _run  # the driver imports this module
+
+    t0 = time.perf_counter()
+    groups = split_by_cost(strategies, workers)
+    ctx = mp.get_context("fork")  # strategies hold lambdas (policy factories): inherit, do not pickle
+
+    def work(idx: list[int], first: bool, conn: Any) -> None:
+        try:
+            torch.set_num_threads(1)
+            res = _run(log, [strategies[i] for i in idx], config, cloud_factory, progress if first else None, reference, baselines=first)
+            conn.send_bytes(pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL))
+        except BaseException as exc:  # report, do not hang the parent
+            conn.send_bytes(pickle.dumps(exc))
+        finally:
+            conn.close()
+
+    procs, pipes = [], []
+    for g, idx in enumerate(groups):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=work, args=(idx, g == 0, send), daemon=True)
+        p.start()
+        send.close()
+        procs.append(p)
+        pipes.append(recv)
+    parts: list[EvaluationResult] = []
+    for p, recv in zip(procs, pipes):
+        obj = pickle.loads(recv.recv_bytes())
+        p.join()
+        if isinstance(obj, BaseException):
+            raise RuntimeError("a replay worker failed") from obj
+        parts.append(obj)
+    by_label = {r.label: r for part in parts for r in part.results}
+    results = [by_label[s.label] for s in strategies] + [r for r in parts[0].results if r.kind == "baseline"]
+    _compare(results, reference, config)
+    head = parts[0]
+    timings = {k: float(head.timings.get(k, 0.0)) for k in ("cloud_train_s", "retrieval_s", "baselines_s")}
+    timings["devices_s"] = float(sum(p.timings.get("devices_s", 0.0) for p in parts))
+    timings["rounds_s"] = float(sum(p.timings.get("rounds_s", 0.0) for p in parts))
+    timings["worker_replay_max_s"] = float(max(p.timings.get("replay_total_s", 0.0) for p in parts))
+    timings["replay_total_s"] = time.perf_counter() - t0
+    head.results = results
+    head.timings = timings
+    head.wall_s = timings["replay_total_s"]
+    head.config = {**head.config, "workers": len(groups)}
+    return head
+
+
