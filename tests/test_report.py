@@ -14,7 +14,7 @@ from device_rerank.policy import DriftTriggered
 from streams.datasets.synthetic import SyntheticConfig, generate
 from tandem.commands.evaluate import build_strategies, frontier
 from tandem.evaluation.prequential import EvalConfig, run_prequential
-from tandem.report import table_rows, write_report
+from tandem.evaluation.report import table_rows, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

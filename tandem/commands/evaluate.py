@@ -137,7 +137,7 @@ def _tables(result: Any) -> list[Any]:
     from rich.table import Table
     from rich.text import Text
 
-    from tandem.report import terminal_rows, verdict
+    from tandem.evaluation.report import terminal_rows, verdict
 
     win = verdict(result)
     beaten = {n for n, _ in win.beaten_by} if win else set()
@@ -182,7 +182,7 @@ def print_table(result: Any) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    from tandem.report import verdict
+    from tandem.evaluation.report import verdict
 
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -295,7 +295,7 @@ def evaluate(
         result.wall_s = time.perf_counter() - t0
         result.provenance = provenance(seed)
         print_table(result)
-        from tandem.report import verdict, write_report
+        from tandem.evaluation.report import verdict, write_report
 
         win = verdict(result)
         logger.info("%s", win.line() if win else "no verdict")
