@@ -27,6 +27,7 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "retrieval": ("bench_retrieval.py", [], []),
     "load": ("bench_load.py", ["--seconds", "120"], ["--seconds", "20"]),
     "evaluate": ("bench_evaluate.py", [], ["movielens"]),
+    "loop-speed": ("bench_loop_speed.py", ["--events", "20000"], ["--events", "5000"]),
 }
 
 
