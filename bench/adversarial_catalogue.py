@@ -473,7 +473,7 @@ def http_service_user_2_63() -> str:
 
 # -- aggregation -------------------------------------------------------------------------------
 def aggregate_non_finite_refused() -> str:
-    from cloud_recsys.aggregate import combine
+    from tandem.strategies.aggregate import combine
 
     x = np.ones((4, 3))
     x[0, 0] = np.inf
@@ -485,7 +485,7 @@ def aggregate_non_finite_refused() -> str:
 
 
 def aggregate_unknown_rule() -> str:
-    from cloud_recsys.aggregate import Aggregator, AggregatorConfig
+    from tandem.strategies.aggregate import Aggregator, AggregatorConfig
 
     try:
         Aggregator(AggregatorConfig(rule="nope"))

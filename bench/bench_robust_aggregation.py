@@ -1,4 +1,4 @@
-"""Poisoned-device bench for the aggregation rules (cloud_recsys/aggregate.py).
+"""Poisoned-device bench for the aggregation rules (tandem/strategies/aggregate.py).
 
 Why: a rule is only robust if it is measured against the attacks it must survive, on the
 updates Tandem really sends (sparse top-k deltas, not dense vectors).
@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_recsys.aggregate import DEFAULT_RULE, RULES, combine, fedavg  # noqa: E402
+from tandem.strategies.aggregate import DEFAULT_RULE, RULES, combine, fedavg  # noqa: E402
 
 ATTACKS = ("none", "huge-norm", "sign-flip", "constant")
 FRACTIONS = (0.1, 0.3, 0.4)

@@ -22,7 +22,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
-from cloud_recsys.candidates import Candidates
+from streams.candidates import Candidates
 from cloud_recsys.service import MAX_K, CandidateService, UnknownUser
 from streams.schema import MAX_ID, MAX_TS_MS
 

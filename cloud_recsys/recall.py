@@ -13,13 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest of a 1-D ``scores``, best first (ties: lower index first)."""
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    idx = np.argpartition(-scores, k - 1)[:k]
-    return idx[np.argsort(-scores[idx], kind="stable")]
-
 
 def merge_channels(primary: np.ndarray, secondary: np.ndarray, k: int, share: float) -> np.ndarray:
     """The first ``k`` distinct ids: the primary channel's top ``k - m``, then up to ``m`` of the

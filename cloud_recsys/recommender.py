@@ -27,7 +27,7 @@ from cloud_recsys.config import TwoTowerConfig
 from cloud_recsys.cooccurrence import ItemToItem
 from cloud_recsys.fusion import FEATURES, N_FEATURES, FusionConfig, FusionRanker
 from cloud_recsys.popularity import decay_weights
-from cloud_recsys.recall import top_indices
+from streams.candidates import top_indices
 from cloud_recsys.trainer import OnlineTrainer
 from streams.batch import EventBatch
 from streams.schema import POSITIVE_KINDS

@@ -1,6 +1,6 @@
 """Where aggregated device updates enter the cloud model, and when the index is refreshed.
 
-The device/aggregation side (cloud_recsys/aggregate.py, tandem/strategies) calls
+The device/aggregation side (tandem/strategies/aggregate.py, tandem/strategies) calls
 one ``RefreshHook`` per cloud model:
 
 * parameter family -> ``apply_embedding_deltas({raw id: delta}, table="item"|"user", space=...)``:
@@ -103,7 +103,7 @@ class RefreshHook:
         self.observe(int(m.get("n", 0)), int(batch.ts_ms.max()) if len(batch) else None)
         return m
 
-    # AggregationTarget-compatible names (cloud_recsys/aggregate.py)
+    # AggregationTarget-compatible names (tandem/strategies/aggregate.py)
     def apply_item_deltas(self, deltas: dict[int, np.ndarray]) -> None:
         """Aggregated device item-row deltas: devices hold the candidate features, i.e. output space."""
         self.apply_embedding_deltas(deltas, table="item", space="output")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cloud_recsys.availability import Availability
-from cloud_recsys.candidates import Candidates, quantize_rows
+from streams.candidates import Candidates, quantize_rows
 from cloud_recsys.index import IndexConfig, ItemIndex
 from cloud_recsys.popularity import Popularity
 from cloud_recsys.recall import merge_channels

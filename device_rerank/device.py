@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from cloud_recsys.candidates import Candidates
+from streams.candidates import Candidates
 from device_rerank.config import DeviceConfig
 from device_rerank.encoders import (
     DataEncoder,

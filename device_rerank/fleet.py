@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from cloud_recsys.recall import top_indices
+from streams.candidates import top_indices
 from device_rerank.config import DeviceConfig
 from device_rerank.device import CandidateSource, Device
 from device_rerank.envelope import Keyring
@@ -61,7 +61,7 @@ class VectorCandidateSource:
         model_version: int = 1,
         seed: int = 0,
     ) -> None:
-        from cloud_recsys.candidates import quantize_rows
+        from streams.candidates import quantize_rows
 
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self.item_vectors = np.asarray(item_vectors, dtype=np.float32)
@@ -73,7 +73,7 @@ class VectorCandidateSource:
         self.calls = 0
 
     def candidates(self, user_id: int, k: int = 100, at_ms: int | None = None) -> "Candidates":
-        from cloud_recsys.candidates import Candidates
+        from streams.candidates import Candidates
 
         self.calls += 1
         k = min(k, len(self.item_ids))

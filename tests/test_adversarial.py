@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from cloud_recsys.aggregate import DEFAULT_RULE, Aggregator, AggregatorConfig, clip_by_norm, combine, coordinate_median, fedavg, krum, trimmed_mean
+from tandem.strategies.aggregate import DEFAULT_RULE, Aggregator, AggregatorConfig, clip_by_norm, combine, coordinate_median, fedavg, krum, trimmed_mean
 from device_rerank.encoders import FeatureEncoder
 from device_rerank.envelope import Keyring, UpdateVerifier, hkdf_sha256, make_verifier, sign
 from streams.batch import EventBatch

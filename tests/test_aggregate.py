@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud_recsys.aggregate import Aggregator, AggregatorConfig, coordinate_median, fedavg, trimmed_mean
+from tandem.strategies.aggregate import Aggregator, AggregatorConfig, coordinate_median, fedavg, trimmed_mean
 from device_rerank.encoders import HardExamples, ParameterUpdate, SparseDelta
 from device_rerank.envelope import DecodedUpdate
 

@@ -176,7 +176,7 @@ def test_privacy_budget_refuses_noisy_updates() -> None:
 
 
 def test_receive_rejects_wrong_embedding_width_and_handles_empty_list() -> None:
-    from cloud_recsys.candidates import Candidates
+    from streams.candidates import Candidates
 
     dev = Device(1, Reranker(), DeviceConfig())
     bad = Candidates(1, np.arange(3), np.zeros(3, np.float32), np.zeros((3, 16), np.int8), np.ones(3, np.float32), 1)

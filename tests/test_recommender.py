@@ -9,7 +9,7 @@ import pytest
 from cloud_recsys.config import TwoTowerConfig
 from cloud_recsys.cooccurrence import ItemToItem
 from cloud_recsys.fusion import FEATURES, FusionRanker
-from cloud_recsys.recall import top_indices
+from streams.candidates import top_indices
 from cloud_recsys.recommender import CloudRecommender, DecayedCounts, RecommenderConfig, Request, Session
 from streams.batch import EventBatch
 from streams.schema import EventKind

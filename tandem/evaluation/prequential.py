@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from cloud_recsys.candidates import Candidates
+from streams.candidates import Candidates
 from device_rerank.config import DeviceConfig, RerankerConfig
 from device_rerank.device import rescore_batched, time_single_rescore
 from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, UpdateVerifier

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 
-from cloud_recsys.candidates import Candidates, quantize_rows
+from streams.candidates import Candidates, quantize_rows
 from cloud_recsys.availability import Availability
 from cloud_recsys.http import candidates_to_json
 from streams.batch import EventBatch

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 from cloud_recsys.availability import Availability
-from cloud_recsys.candidates import Candidates
+from streams.candidates import Candidates
 from cloud_recsys.http import candidates_from_json
 from streams.batch import EventBatch, decode_valid
 from streams.schema import AVAILABILITY_KINDS, POSITIVE_KINDS, SchemaError

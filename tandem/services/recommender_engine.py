@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from cloud_recsys.availability import Availability
-from cloud_recsys.candidates import Candidates
+from streams.candidates import Candidates
 from cloud_recsys.http import candidates_to_json
 from cloud_recsys.recommender import Request, Session, build_recommender
 from device_rerank.config import RerankerConfig

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, ClassVar
 
-from cloud_recsys.aggregate import AggregationTarget, Aggregator, AggregatorConfig
+from tandem.strategies.aggregate import AggregationTarget, Aggregator, AggregatorConfig
 from device_rerank.config import DataEncoderConfig, DeviceConfig
 from device_rerank.envelope import DecodedUpdate
 from device_rerank.policy import AlwaysUpload, UploadPolicy

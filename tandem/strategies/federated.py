@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cloud_recsys.aggregate import AggregatorConfig
+from tandem.strategies.aggregate import AggregatorConfig
 from tandem.strategies.base import Strategy
 
 #: FedSGD server step: devices send ``-1.0 * gradient`` clipped to norm 1; applying the

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from cloud_recsys.candidates import Candidates
+from streams.candidates import Candidates
 from device_rerank.config import DeviceConfig
 from device_rerank.device import Device
 from device_rerank.envelope import Keyring

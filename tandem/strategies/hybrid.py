@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from cloud_recsys.aggregate import AggregatorConfig
+from tandem.strategies.aggregate import AggregatorConfig
 from device_rerank.config import DeviceConfig, PersonalizeConfig
 from tandem.strategies.base import Strategy
 from tandem.strategies.federated import FED_SERVER_LR

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cloud_recsys.candidates import Candidates, quantize_rows
+from streams.candidates import Candidates, quantize_rows
 from cloud_recsys.recommender import CloudRecommender, Request
 from device_rerank.config import CTX_FEATURES, DeviceConfig
 from device_rerank.encoders import HardExamples

@@ -1,7 +1,8 @@
 """What the cloud sends a device: top-K candidates with compact features.
 
-Shared by the candidate service (producer) and the device runtime (consumer),
-so it lives in its own module with no heavy imports.
+A contract between the cloud (producer) and the devices (consumer), so it lives below both
+packages (``cloud_recsys`` and ``device_rerank`` never import each other), with no heavy
+imports; ``top_indices`` is how either side cuts a scored list.
 """
 
 from __future__ import annotations
@@ -55,3 +56,11 @@ def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype(np.int8)
     return q, scale
+
+
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest of a 1-D ``scores``, best first (ties: lower index first)."""
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    idx = np.argpartition(-scores, k - 1)[:k]
+    return idx[np.argsort(-scores[idx], kind="stable")]
