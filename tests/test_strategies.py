@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
-from device_rerank.config import DeviceConfig
+from device_rerank.config import DeviceConfig, RerankerConfig
+from device_rerank.encoders import HardExamples
+from device_rerank.reranker import Reranker
 from device_rerank.policy import AlwaysUpload, DriftTriggered
 from streams.datasets.synthetic import SyntheticConfig, generate
 from tandem.evaluation.prequential import EvalConfig, run_prequential
 from tandem.strategies import STRATEGIES, Strategy, make_strategies, register
 from tandem.strategies.base import Strategy as BaseStrategy
+from tandem.strategies.server import StrategyCloud
 
 
 def test_registry_names() -> None:
@@ -141,3 +146,34 @@ def test_trust_region_bounds_accumulated_item_deltas() -> None:
     for _ in range(10):
         free.apply_item_deltas({7: step})
     assert np.linalg.norm(free.item_delta[7]) == pytest.approx(2.0)
+
+
+def _examples(n: int, sign: float, seed: int) -> HardExamples:
+    """Hard examples whose label follows ``sign`` times the cloud z feature (device score 0)."""
+    from device_rerank.config import CTX_FEATURES
+
+    rng = np.random.default_rng(seed)
+    c = len(CTX_FEATURES)
+    x = np.zeros((n, c + 2), np.float32)
+    x[:, CTX_FEATURES.index("rank_frac")] = rng.uniform(0, 0.9, n)  # in the cached list
+    z = rng.normal(size=n).astype(np.float32)
+    x[:, c] = z
+    y = (sign * z > 0).astype(np.uint8)
+    return HardExamples(np.arange(n, dtype=np.int64), y, x)
+
+
+@pytest.mark.parametrize(("held_sign", "shipped"), [(1.0, True), (-1.0, False)])
+def test_data_fit_ships_only_what_the_held_out_batches_confirm(held_sign: float, shipped: bool) -> None:
+    """Every 5th device batch is held out: a fit that raises their loss is not shipped."""
+    from tandem.strategies.server import HOLDOUT_EVERY
+
+    sc = StrategyCloud(Reranker(RerankerConfig(emb_dim=8)), data_fit_steps=30, data_fit_lr=0.05, data_fit_l2=0.0)
+    before = sc.reranker.flat_parameters().copy()
+    batches = [(i, _examples(40, held_sign if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 else 1.0, i)) for i in range(10)]
+    sc.add_examples(batches)
+    model = copy.deepcopy(sc.reranker)
+    assert sc._fit_on_examples(model) is shipped
+    assert len(sc.gate_log) == 1 and sc.gate_log[0]["shipped"] is shipped
+    assert sc.gate_log[0]["held_out"] == 2 * 40
+    changed = not np.allclose(model.flat_parameters(), before)
+    assert changed is shipped

@@ -28,6 +28,24 @@ logger = logging.getLogger(__name__)
 _RANK_FRAC = CTX_FEATURES.index("rank_frac")
 
 
+#: Every HOLDOUT_EVERY-th device batch of data examples is held out to gate the cloud fit.
+HOLDOUT_EVERY = 5
+
+
+def _in_list_rows(batches: Sequence[HardExamples]) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of the examples that were in the cached list.
+
+    Engaged items that were not in it carry placeholder features (rank_frac = 1, injected
+    cloud z); fitting on them teaches "low cloud score wins".
+    """
+    if not batches:
+        return np.zeros((0, 1), np.float32), np.zeros(0, np.float32)
+    x = np.concatenate([e.features for e in batches])
+    y = np.concatenate([e.labels for e in batches]).astype(np.float32)
+    keep = x[:, _RANK_FRAC] < 1.0
+    return x[keep], y[keep]
+
+
 class StrategyCloud:
     """One strategy's cloud: served snapshot + overlays on the shared model (an ``AggregationTarget``).
 
@@ -59,6 +77,7 @@ class StrategyCloud:
         self.item_delta: dict[int, np.ndarray] = {}
         self._pending_model_delta: np.ndarray | None = None
         self._examples: list[HardExamples] = []
+        self.gate_log: list[dict[str, float | int | bool]] = []  # one entry per gated data fit
         self.version = 0
         self.item_ids = np.zeros(0, dtype=np.int64)
         self.item_vecs = np.zeros((0, reranker.config.emb_dim), dtype=np.float32)
@@ -97,13 +116,13 @@ class StrategyCloud:
         """Fit the prior head's context + cloud-score weights on the round's hard examples (logistic loss)."""
         if not self._examples or self.data_fit_steps <= 0:
             return False
-        x = np.concatenate([e.features for e in self._examples])
-        y = np.concatenate([e.labels for e in self._examples]).astype(np.float32)
-        self._examples = []
-        # Engaged items that were not in the cached list carry placeholder features
-        # (rank_frac = 1, injected cloud z); fitting on them teaches "low cloud score wins".
-        in_list = x[:, _RANK_FRAC] < 1.0
-        x, y = x[in_list], y[in_list]
+        batches, self._examples = self._examples, []
+        # Held-out gate: every HOLDOUT_EVERY-th device batch is kept out of the fit and the
+        # fitted step ships only if it does not raise their loss (a round never makes the
+        # recent traffic it did not see worse). Whole batches, so no device is on both sides.
+        held = [e for i, e in enumerate(batches) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+        fit = [e for i, e in enumerate(batches) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+        x, y = _in_list_rows(fit)
         if len(np.unique(y)) < 2:
             return False
         c = model.config.ctx_dim + 1  # ctx features + cloud z (the device score is not a model input)
@@ -125,6 +144,18 @@ class StrategyCloud:
             n = float(d.norm())
             if n > self.data_fit_max_step:
                 d = d * (self.data_fit_max_step / n)
+            hx, hy = _in_list_rows(held)
+            if len(np.unique(hy)) == 2:
+                ht = torch.from_numpy(np.ascontiguousarray(hx[:, :c], dtype=np.float32))
+                hoff = torch.from_numpy(np.ascontiguousarray(hx[:, -1], dtype=np.float32))
+                hyt = torch.from_numpy(hy)
+                bce = torch.nn.functional.binary_cross_entropy_with_logits
+                before = float(bce(hoff + ht @ torch.zeros(c), hyt))
+                after = float(bce(hoff + ht @ d, hyt))
+                self.gate_log.append({"held_out": int(len(hy)), "loss_before": before, "loss_after": after, "shipped": after <= before})
+                if after > before:
+                    logger.debug("data fit rejected by the held-out gate (%.4f -> %.4f)", before, after)
+                    return False
             model.prior.weight[0, :c] += d
         w = model.prior.weight
         model.zero_grad(set_to_none=True)
@@ -145,13 +176,15 @@ class StrategyCloud:
         if len(vecs):
             self.emb_q, self.emb_scale = quantize_rows(vecs)
         self.version += 1
-        new_model = self._pending_model_delta is not None or bool(self._examples)
+        if self._pending_model_delta is None and not self._examples:
+            return False
+        model = copy.deepcopy(self.reranker)
+        new_model = self._pending_model_delta is not None
         if new_model:
-            model = copy.deepcopy(self.reranker)
-            if self._pending_model_delta is not None:
-                model.apply_delta(self._pending_model_delta)
-                self._pending_model_delta = None
-            self._fit_on_examples(model)
+            model.apply_delta(self._pending_model_delta)
+            self._pending_model_delta = None
+        new_model |= self._fit_on_examples(model)  # False: nothing to fit, or the held-out gate said no
+        if new_model:
             self._project_to_trust_region(model)
             self.reranker = model
             self.model_version = self.version
