@@ -243,6 +243,45 @@ def test_http_bounds(case: str) -> None:
     assert ok, what
 
 
+_BAD_GETS = [{"k": -3}, {"k": 0}, {"k": 10**9}, {"user_id": 2**64}, {"user_id": -1}, {"at_ms": -5}, {"k": "ten"}]
+_BAD_POSTS = [{"user_ids": [1], "k": -3}, {"user_ids": [1], "k": 0}, {"user_ids": [1], "k": 10**9}, {"user_ids": [2**64]},
+              {"user_ids": [-1]}, {"requests": [{"user_id": 1, "at_ms": -1}]}, {"user_ids": list(range(1001))}, {"k": 5}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine_clients() -> dict[str, object]:
+    import warnings
+
+    from tandem.services.engines import PopularityEngine
+    from tandem.services.recommender_engine import RecommenderEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    s = CloudSettings(num_users=64, num_items=64, embedding_dim=8, k=5, device_key="x" * 32)
+    pop = PopularityEngine(s)
+    pop.train(EventBatch.from_columns(event_id=np.arange(47), ts_ms=np.arange(47), user_id=np.zeros(47, np.int64),
+                                      item_id=np.arange(47), value=np.ones(47), kind=np.full(47, 9)))  # fmt: skip
+    return {"popular": TestClient(pop.http_app()), "recommender": TestClient(RecommenderEngine(s, item_categories={}).http_app())}
+
+
+@pytest.mark.parametrize("engine", ["popular", "recommender"])
+def test_both_engines_refuse_the_same_bad_requests_with_one_line(engine_clients, engine: str) -> None:  # type: ignore[no-untyped-def]
+    c = engine_clients[engine]
+    for params in _BAD_GETS:
+        r = c.get("/candidates", params={"user_id": 1, **params})
+        assert r.status_code == 400 and isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"], (params, r.text)
+        assert next(iter(params)) in r.json()["detail"], (params, r.text)
+    for body in _BAD_POSTS:
+        r = c.post("/candidates:batch", json=body)
+        assert r.status_code == 400 and isinstance(r.json()["detail"], str), (body, r.text)
+    big = b'{"user_ids": [' + b"1," * (40 << 10) + b"1]}"
+    assert c.post("/candidates:batch", content=big, headers={"content-type": "application/json"}).status_code == 413
+    ok = c.get("/candidates", params={"user_id": 1, "k": 3})
+    assert ok.status_code == 200 and len(ok.json()["item_ids"]) == (3 if engine == "popular" else len(ok.json()["item_ids"])) <= 3
+    assert c.post("/candidates:batch", json={"user_ids": [1, 2], "k": 2}).status_code == 200
+
+
 def test_valid_events_still_pass() -> None:
     b = EventBatch.from_columns(event_id=[1, 2], ts_ms=[1_600_000_000_000, 0], user_id=[3, -1], item_id=[4, 5],
                                 value=[4.5, 0.0], kind=[9, 7])  # fmt: skip
