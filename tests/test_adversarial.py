@@ -367,3 +367,36 @@ def test_hypothesis_profile_is_derandomized_without_a_database() -> None:
 def test_catalogue_case_is_handled_cleanly(case: str) -> None:
     ok, what = catalogue.run_case(case)
     assert ok, f"{case}: {what}"
+
+
+def test_trainer_user_overrides_keep_the_latest_uploads_up_to_the_user_table_size() -> None:
+    from cloud_recsys.trainer import OnlineTrainer
+    from cloud_recsys.config import TwoTowerConfig
+
+    t = OnlineTrainer(TwoTowerConfig(num_users=16, num_items=16, num_categories=2, embedding_dim=8, out_dim=8))
+    for u in range(100):
+        t.set_user_vectors({u: np.full(8, 1.0 + u, np.float32)})
+    t.set_user_vectors({90: np.ones(8, np.float32)})  # a fresh upload makes 90 the newest
+    t.set_user_vectors({200: np.ones(8, np.float32)})
+    assert len(t.user_overrides) == 16 and 90 in t.user_overrides and 84 not in t.user_overrides
+    assert t.known_users(np.array([99, 200, 0])).tolist() == [True, True, False]
+    np.testing.assert_allclose(t.user_overrides[99], np.full(8, 8**-0.5), rtol=1e-6)
+    again = OnlineTrainer(t.config)
+    again.load_state_dict(t.state_dict())
+    assert list(again.user_overrides) == list(t.user_overrides)
+
+
+def test_popularity_counts_stay_within_four_catalogues_and_keep_the_popular() -> None:
+    from tandem.services.engines import PopularityEngine
+
+    pop = PopularityEngine(CloudSettings(num_users=8, num_items=16, k=5, device_key="x" * 32))
+    hot = EventBatch.from_columns(event_id=np.arange(50), ts_ms=np.arange(50), user_id=np.zeros(50, np.int64),
+                                  item_id=np.full(50, 7), value=np.ones(50), kind=np.full(50, 9))  # fmt: skip
+    pop.train(hot)
+    for start in range(1000, 3000, 100):  # 2000 one-off items: past 4 * num_items many times
+        ids = np.arange(start, start + 100)
+        pop.train(EventBatch.from_columns(event_id=ids, ts_ms=ids, user_id=np.zeros(100, np.int64), item_id=ids,
+                                          value=np.ones(100), kind=np.full(100, 9)))  # fmt: skip
+        assert len(pop.counts) <= 4 * 16
+    pop.refresh()
+    assert pop.topk(0, 1, 0).tolist() == [7]
