@@ -400,3 +400,52 @@ def test_popularity_counts_stay_within_four_catalogues_and_keep_the_popular() ->
         assert len(pop.counts) <= 4 * 16
     pop.refresh()
     assert pop.topk(0, 1, 0).tolist() == [7]
+
+
+# -- loaders: one check for ids, times and values -----------------------------------------------------
+_ML = "userId,movieId,rating,timestamp\n1,2,4.0,1600000000\n{row}\n"
+_YC = "SessionId\tItemId\tTime\n1\t2\t1600000000.5\n{row}\n"
+_TW = "user,streamer,start,stop\n1,2,3,4\n{row}\n"
+_GT = "user_id,item_id,timestamp,value\n1,2,1600000000,0.5\n{row}\n"
+
+
+@pytest.mark.parametrize("fmt,row,column", [
+    ("movielens", f"{2**64},2,4.0,1600000000", "userId"), ("movielens", "-1,2,4.0,1600000000", "userId"),
+    ("movielens", "1,2.5,4.0,1600000000", "movieId"), ("movielens", "1,2,inf,1600000000", "rating"),
+    ("movielens", "1,2,4.0,1e30", "timestamp"), ("movielens", "1,2,4.0,-5", "timestamp"),
+    ("yoochoose", f"1\t{2**63}\t1.0", "ItemId"), ("yoochoose", "1\t2\tnan", "Time"), ("yoochoose", "1\t2\t1e17", "Time"),
+    ("twitch", f"{2**63},2,3,4", "user"), ("twitch", f"1,2,{2**62},{2**62}", "start"), ("twitch", f"1,{2**64},3,4", "streamer"),
+    ("table", f"{2**64},2,1600000000,1", "user_id"), ("table", "1,2,1e30,1", "timestamp"), ("table", "1,2,-1,1", "timestamp"),
+    ("table", "1,2,1600000000,inf", "value"), ("table", "1,2,1600000000,1e300", "value"),
+])  # fmt: skip
+def test_every_loader_refuses_bad_ids_times_and_values_naming_file_and_column(tmp_path: Path, fmt: str, row: str, column: str) -> None:
+    from streams.datasets.generic import ColumnMapping, load_table
+    from streams.datasets.movielens import load_movielens
+    from streams.datasets.twitch import load_twitch
+    from streams.datasets.yoochoose import load_yoochoose
+
+    text, name, load = {
+        "movielens": (_ML, "ratings.csv", load_movielens),
+        "yoochoose": (_YC, "clicks.txt", load_yoochoose),
+        "twitch": (_TW, "watch.csv", load_twitch),
+        "table": (_GT, "log.csv", lambda p: load_table(p, ColumnMapping(value="value"))),
+    }[fmt]
+    path = tmp_path / name
+    path.write_text(text.format(row=row))
+    with pytest.raises(ValueError) as err:
+        load(path)
+    msg = str(err.value)
+    assert "\n" not in msg and name in msg and f"column {column}" in msg, msg
+    path.write_text(text.format(row=text.splitlines()[1]))  # the same file with a good row loads
+    assert len(load(path)) >= 2
+
+
+def test_loaders_convert_times_with_the_given_unit() -> None:
+    from streams.datasets.checks import check_columns
+
+    out = check_columns("x.csv", {"t": ["1600000000.5", "1600000001"]}, ts="t", unit="s")
+    assert out["t"].tolist() == [1_600_000_000_500, 1_600_000_001_000]
+    assert check_columns("x.csv", {"t": [1.6e15]}, ts="t")["t"].tolist() == [1_600_000_000_000]  # detected: us
+    assert check_columns("x.csv", {"t": [3]}, ts="t", unit="step", step_ms=600_000)["t"].tolist() == [1_800_000]
+    with pytest.raises(ValueError, match="x.csv: column t: timestamps outside"):
+        check_columns("x.csv", {"t": [1.6e12]}, ts="t", unit="s")

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from streams.schema import SchemaError, detect_ts_unit, to_ms
+from streams.schema import MAX_VALUE, SchemaError, detect_ts_unit, to_ms
 
 #: Ids are stored as int64: 0..2**63 - 1.
 ID_LIMIT: int = 2**63
@@ -30,7 +30,8 @@ def _numbers(col: Any) -> tuple[np.ndarray, pd.Series]:
 
 
 def _fail(path: Path | str, name: str, row: int, first_line: int, shown: Any, why: str, n_bad: int) -> ValueError:
-    return ValueError(f"{path}: line {row + first_line}, column {name}: {shown!r} {why} ({n_bad} bad rows)")
+    where = f"row {row}" if first_line < 0 else f"line {row + first_line}"  # tables name rows (0-based), text files lines
+    return ValueError(f"{path}: {where}, column {name}: {shown!r} {why} ({n_bad} bad rows)")
 
 
 def _ids(path: Path | str, name: str, col: Any, first_line: int) -> np.ndarray:
@@ -52,7 +53,8 @@ def _ids(path: Path | str, name: str, col: Any, first_line: int) -> np.ndarray:
 def _floats(path: Path | str, name: str, col: Any, first_line: int, what: str) -> np.ndarray:
     v, s = _numbers(col)
     f = v.astype(np.float64)
-    bad = ~np.isfinite(f)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(f) <= MAX_VALUE)  # NaN and inf too; beyond it float32 storage overflows or loses the point
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise _fail(path, name, row, first_line, s.iloc[row], f"is not {what}", int(bad.sum()))
@@ -77,8 +79,9 @@ def check_columns(
         ids: names of id columns: integers in 0..2**63 - 1, returned as int64.
         ts: name of the time column: finite, >= 0, converted to int64 ms from ``unit``
             (None: ``detect_ts_unit``; "step": multiples of ``step_ms``), at most ``MAX_TS_MS``.
-        values: names of rating/value columns: finite, returned as float64.
-        first_line: the file's line number of the first row (for messages).
+        values: names of rating/value columns: finite and within +-``MAX_VALUE``, as float64.
+        first_line: the file's line number of the first row (for messages); -1: say "row i"
+            (0-based) instead, for tables whose lines are not rows (Parquet).
     Returns:
         The checked columns, by the same names.
     """
@@ -86,9 +89,14 @@ def check_columns(
     for name in ids:
         out[name] = _ids(path, name, columns[name], first_line)
     for name in values:
-        out[name] = _floats(path, name, columns[name], first_line, "a finite number")
+        out[name] = _floats(path, name, columns[name], first_line, f"a finite number within +-{MAX_VALUE:g}")
     if ts is not None:
-        raw = _floats(path, ts, columns[ts], first_line, "a finite time")
+        v, s = _numbers(columns[ts])
+        raw = v.astype(np.float64)
+        bad = ~np.isfinite(raw)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise _fail(path, ts, row, first_line, s.iloc[row], "is not a finite time", int(bad.sum()))
         neg = raw < 0
         if neg.any():
             row = int(np.flatnonzero(neg)[0])
