@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,9 +89,14 @@ class OnlineTrainer:
         self.skipped_rows = 0
         self.offsets: dict[int, int] = {}  # partition -> next offset to train on
         self.restored = False
-        self.user_overrides: dict[int, np.ndarray] = {}  # uploaded interest vectors (feature family)
+        #: uploaded interest vectors (feature family), least recently uploaded first; bounded by
+        #: ``max_user_overrides`` (the user table's size): uploads from ever-new device ids must
+        #: not grow the cloud's memory without end, and a user who stopped uploading long ago
+        #: falls back to the model's own vector.
+        self.user_overrides: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.max_user_overrides = int(config.num_users)
         self.interest_share = 0.5  # share of a list the interest-vector recall channel may fill
-        self.item_residuals: dict[int, np.ndarray] = {}  # output-space deltas from devices
+        self.item_residuals: dict[int, np.ndarray] = {}  # output-space deltas from devices (known items only: bounded by num_items)
         self.lock = threading.RLock()
         self.categories.lookup(np.array([NO_CATEGORY]), add=True)  # row 0: unknown category
 
@@ -460,7 +466,10 @@ class OnlineTrainer:
                     log.warning("ignoring all-zero user vector for %s", uid)
                     continue
                 self.user_overrides[int(uid)] = v / norm
+                self.user_overrides.move_to_end(int(uid))
                 kept += 1
+            while len(self.user_overrides) > self.max_user_overrides:
+                self.user_overrides.popitem(last=False)
         return kept
 
     def apply_embedding_deltas(self, table: str, deltas: dict[int, np.ndarray], space: str = "auto") -> int:
@@ -552,7 +561,8 @@ class OnlineTrainer:
             self.history.load_state_dict(state["history"])
             self.item_counts = np.asarray(state["item_counts"], dtype=np.float64).copy()
             self.popularity.load_state_dict(state["popularity"])
-            self.user_overrides = {int(k): np.asarray(v, np.float32) for k, v in state["user_overrides"].items()}
+            overrides = [(int(k), np.asarray(v, np.float32)) for k, v in state["user_overrides"].items()]
+            self.user_overrides = OrderedDict(overrides[-self.max_user_overrides :])
             self.interest_share = float(state.get("interest_share", 0.5))
             self.item_residuals = {int(k): np.asarray(v, np.float32) for k, v in state["item_residuals"].items()}
             self.offsets = {int(k): int(v) for k, v in state["offsets"].items()}

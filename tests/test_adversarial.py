@@ -243,6 +243,45 @@ def test_http_bounds(case: str) -> None:
     assert ok, what
 
 
+_BAD_GETS = [{"k": -3}, {"k": 0}, {"k": 10**9}, {"user_id": 2**64}, {"user_id": -1}, {"at_ms": -5}, {"k": "ten"}]
+_BAD_POSTS = [{"user_ids": [1], "k": -3}, {"user_ids": [1], "k": 0}, {"user_ids": [1], "k": 10**9}, {"user_ids": [2**64]},
+              {"user_ids": [-1]}, {"requests": [{"user_id": 1, "at_ms": -1}]}, {"user_ids": list(range(1001))}, {"k": 5}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine_clients() -> dict[str, object]:
+    import warnings
+
+    from tandem.services.engines import PopularityEngine
+    from tandem.services.recommender_engine import RecommenderEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    s = CloudSettings(num_users=64, num_items=64, embedding_dim=8, k=5, device_key="x" * 32)
+    pop = PopularityEngine(s)
+    pop.train(EventBatch.from_columns(event_id=np.arange(47), ts_ms=np.arange(47), user_id=np.zeros(47, np.int64),
+                                      item_id=np.arange(47), value=np.ones(47), kind=np.full(47, 9)))  # fmt: skip
+    return {"popular": TestClient(pop.http_app()), "recommender": TestClient(RecommenderEngine(s, item_categories={}).http_app())}
+
+
+@pytest.mark.parametrize("engine", ["popular", "recommender"])
+def test_both_engines_refuse_the_same_bad_requests_with_one_line(engine_clients, engine: str) -> None:  # type: ignore[no-untyped-def]
+    c = engine_clients[engine]
+    for params in _BAD_GETS:
+        r = c.get("/candidates", params={"user_id": 1, **params})
+        assert r.status_code == 400 and isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"], (params, r.text)
+        assert next(iter(params)) in r.json()["detail"], (params, r.text)
+    for body in _BAD_POSTS:
+        r = c.post("/candidates:batch", json=body)
+        assert r.status_code == 400 and isinstance(r.json()["detail"], str), (body, r.text)
+    big = b'{"user_ids": [' + b"1," * (40 << 10) + b"1]}"
+    assert c.post("/candidates:batch", content=big, headers={"content-type": "application/json"}).status_code == 413
+    ok = c.get("/candidates", params={"user_id": 1, "k": 3})
+    assert ok.status_code == 200 and len(ok.json()["item_ids"]) == (3 if engine == "popular" else len(ok.json()["item_ids"])) <= 3
+    assert c.post("/candidates:batch", json={"user_ids": [1, 2], "k": 2}).status_code == 200
+
+
 def test_valid_events_still_pass() -> None:
     b = EventBatch.from_columns(event_id=[1, 2], ts_ms=[1_600_000_000_000, 0], user_id=[3, -1], item_id=[4, 5],
                                 value=[4.5, 0.0], kind=[9, 7])  # fmt: skip
@@ -328,3 +367,85 @@ def test_hypothesis_profile_is_derandomized_without_a_database() -> None:
 def test_catalogue_case_is_handled_cleanly(case: str) -> None:
     ok, what = catalogue.run_case(case)
     assert ok, f"{case}: {what}"
+
+
+def test_trainer_user_overrides_keep_the_latest_uploads_up_to_the_user_table_size() -> None:
+    from cloud_recsys.trainer import OnlineTrainer
+    from cloud_recsys.config import TwoTowerConfig
+
+    t = OnlineTrainer(TwoTowerConfig(num_users=16, num_items=16, num_categories=2, embedding_dim=8, out_dim=8))
+    for u in range(100):
+        t.set_user_vectors({u: np.full(8, 1.0 + u, np.float32)})
+    t.set_user_vectors({90: np.ones(8, np.float32)})  # a fresh upload makes 90 the newest
+    t.set_user_vectors({200: np.ones(8, np.float32)})
+    assert len(t.user_overrides) == 16 and 90 in t.user_overrides and 84 not in t.user_overrides
+    assert t.known_users(np.array([99, 200, 0])).tolist() == [True, True, False]
+    np.testing.assert_allclose(t.user_overrides[99], np.full(8, 8**-0.5), rtol=1e-6)
+    again = OnlineTrainer(t.config)
+    again.load_state_dict(t.state_dict())
+    assert list(again.user_overrides) == list(t.user_overrides)
+
+
+def test_popularity_counts_stay_within_four_catalogues_and_keep_the_popular() -> None:
+    from tandem.services.engines import PopularityEngine
+
+    pop = PopularityEngine(CloudSettings(num_users=8, num_items=16, k=5, device_key="x" * 32))
+    hot = EventBatch.from_columns(event_id=np.arange(50), ts_ms=np.arange(50), user_id=np.zeros(50, np.int64),
+                                  item_id=np.full(50, 7), value=np.ones(50), kind=np.full(50, 9))  # fmt: skip
+    pop.train(hot)
+    for start in range(1000, 3000, 100):  # 2000 one-off items: past 4 * num_items many times
+        ids = np.arange(start, start + 100)
+        pop.train(EventBatch.from_columns(event_id=ids, ts_ms=ids, user_id=np.zeros(100, np.int64), item_id=ids,
+                                          value=np.ones(100), kind=np.full(100, 9)))  # fmt: skip
+        assert len(pop.counts) <= 4 * 16
+    pop.refresh()
+    assert pop.topk(0, 1, 0).tolist() == [7]
+
+
+# -- loaders: one check for ids, times and values -----------------------------------------------------
+_ML = "userId,movieId,rating,timestamp\n1,2,4.0,1600000000\n{row}\n"
+_YC = "SessionId\tItemId\tTime\n1\t2\t1600000000.5\n{row}\n"
+_TW = "user,streamer,start,stop\n1,2,3,4\n{row}\n"
+_GT = "user_id,item_id,timestamp,value\n1,2,1600000000,0.5\n{row}\n"
+
+
+@pytest.mark.parametrize("fmt,row,column", [
+    ("movielens", f"{2**64},2,4.0,1600000000", "userId"), ("movielens", "-1,2,4.0,1600000000", "userId"),
+    ("movielens", "1,2.5,4.0,1600000000", "movieId"), ("movielens", "1,2,inf,1600000000", "rating"),
+    ("movielens", "1,2,4.0,1e30", "timestamp"), ("movielens", "1,2,4.0,-5", "timestamp"),
+    ("yoochoose", f"1\t{2**63}\t1.0", "ItemId"), ("yoochoose", "1\t2\tnan", "Time"), ("yoochoose", "1\t2\t1e17", "Time"),
+    ("twitch", f"{2**63},2,3,4", "user"), ("twitch", f"1,2,{2**62},{2**62}", "start"), ("twitch", f"1,{2**64},3,4", "streamer"),
+    ("table", f"{2**64},2,1600000000,1", "user_id"), ("table", "1,2,1e30,1", "timestamp"), ("table", "1,2,-1,1", "timestamp"),
+    ("table", "1,2,1600000000,inf", "value"), ("table", "1,2,1600000000,1e300", "value"),
+])  # fmt: skip
+def test_every_loader_refuses_bad_ids_times_and_values_naming_file_and_column(tmp_path: Path, fmt: str, row: str, column: str) -> None:
+    from streams.datasets.generic import ColumnMapping, load_table
+    from streams.datasets.movielens import load_movielens
+    from streams.datasets.twitch import load_twitch
+    from streams.datasets.yoochoose import load_yoochoose
+
+    text, name, load = {
+        "movielens": (_ML, "ratings.csv", load_movielens),
+        "yoochoose": (_YC, "clicks.txt", load_yoochoose),
+        "twitch": (_TW, "watch.csv", load_twitch),
+        "table": (_GT, "log.csv", lambda p: load_table(p, ColumnMapping(value="value"))),
+    }[fmt]
+    path = tmp_path / name
+    path.write_text(text.format(row=row))
+    with pytest.raises(ValueError) as err:
+        load(path)
+    msg = str(err.value)
+    assert "\n" not in msg and name in msg and f"column {column}" in msg, msg
+    path.write_text(text.format(row=text.splitlines()[1]))  # the same file with a good row loads
+    assert len(load(path)) >= 2
+
+
+def test_loaders_convert_times_with_the_given_unit() -> None:
+    from streams.datasets.checks import check_columns
+
+    out = check_columns("x.csv", {"t": ["1600000000.5", "1600000001"]}, ts="t", unit="s")
+    assert out["t"].tolist() == [1_600_000_000_500, 1_600_000_001_000]
+    assert check_columns("x.csv", {"t": [1.6e15]}, ts="t")["t"].tolist() == [1_600_000_000_000]  # detected: us
+    assert check_columns("x.csv", {"t": [3]}, ts="t", unit="step", step_ms=600_000)["t"].tolist() == [1_800_000]
+    with pytest.raises(ValueError, match="x.csv: column t: timestamps outside"):
+        check_columns("x.csv", {"t": [1.6e12]}, ts="t", unit="s")

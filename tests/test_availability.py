@@ -43,3 +43,25 @@ def test_state_dict_round_trip() -> None:
     for t in (None, 50, 150, 275, 400):
         assert sorted(b.offline(t).tolist()) == sorted(a.offline(t).tolist())
     assert "5" not in b.state_dict() and "1" in b.state_dict()
+
+
+def test_items_offline_longest_are_compacted_past_max_items() -> None:
+    a = Availability(max_items=8, max_gone=16)
+    for i in range(40):  # item i: live at 10*i, offline at 10*i + 5
+        a.set([i], True, 10 * i)
+        a.set([i], False, 10 * i + 5)
+    a.set([100], True, 1000)  # live now: never compacted
+    assert len(a._ts) <= 8 and 0 < len(a._gone_ids) <= 16 and len(a) <= 24
+    assert 30 in a._gone_ids.tolist() and a.live_mask([0], 6).tolist() == [True]  # 0: forgotten, as never mentioned
+    recent = np.array([39, 38, 100])
+    assert a.live_mask(recent, 391).tolist() == [True, False, False]  # 100 goes live at 1000
+    assert a.live_mask(recent, 1001).tolist() == [False, False, True]
+    assert a.live_mask(recent).tolist() == [False, False, True]
+    assert a.live_mask([30], 301).tolist() == [True] and a.live_mask([30], 306).tolist() == [False]  # compacted: last transition kept
+    assert 30 in a.live(301).tolist() and 30 not in a.live(306).tolist() and 30 in a.offline().tolist()
+    a.set([30], True, 2000)  # a compacted item comes back
+    assert a.live_mask([30]).tolist() == [True] and a.live_mask([30], 306).tolist() == [False]
+    b = Availability(max_items=8, max_gone=16)
+    b.load_state_dict(a.state_dict())
+    for t in (None, 301, 306, 396):
+        assert sorted(b.offline(t).tolist()) == sorted(a.offline(t).tolist())

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from streams.datasets.base import EventLog, finalize_events
+from streams.datasets.checks import check_columns
 from streams.schema import EventKind
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def _ids(path: Path, frame: pd.DataFrame, col: str, factorize: bool, meta: dict)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{path}: row {row}, column {col}: {s.iloc[row]!r} is not a non-negative integer id")
-        return num.to_numpy().astype(np.int64)
+        return check_columns(path, {col: s}, ids=(col,), first_line=-1)[col]
     if not factorize:
         row = int(np.flatnonzero(num.isna().to_numpy())[0])
         raise ValueError(
@@ -244,11 +245,9 @@ def _times(path: Path, frame: pd.DataFrame, m: ColumnMapping) -> np.ndarray:
     if (v < 0).any():
         row = int(np.flatnonzero(v < 0)[0])
         raise ValueError(f"{path}: row {row}, column {m.timestamp}: negative time {v[row]}")
-    if m.unit == "step":
-        return np.round(v * m.step_ms).astype(np.int64)
-    if m.unit not in _UNIT_MS:
+    if m.unit != "step" and m.unit not in _UNIT_MS:
         raise ValueError(f"unknown time unit {m.unit!r}; use s, ms, us, step or datetime")
-    return np.round(v * _UNIT_MS[m.unit]).astype(np.int64)
+    return check_columns(path, {m.timestamp: v}, ts=m.timestamp, unit=m.unit, step_ms=m.step_ms, first_line=-1)[m.timestamp]
 
 
 def _kinds(path: Path, frame: pd.DataFrame, m: ColumnMapping) -> np.ndarray:
@@ -296,7 +295,7 @@ def load_table(
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{p}: row {row}, column {m.value}: {frame[m.value].iloc[row]!r} is not a number")
-        values = num.fillna(0.0).to_numpy().astype(np.float32)
+        values = check_columns(p, {m.value: num.fillna(0.0)}, values=(m.value,), first_line=-1)[m.value].astype(np.float32)
     events = pd.DataFrame(
         {
             "ts_ms": _times(p, frame, m),

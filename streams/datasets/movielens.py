@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from streams.datasets.base import EventLog, finalize_events
+from streams.datasets.checks import check_columns
 from streams.schema import EventKind
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def _is_number(text: str) -> bool:
 
 
 def _read_ratings(path: Path) -> pd.DataFrame:
-    """Raw ratings as four numeric columns; ``ValueError`` naming the file, line and column on bad rows."""
+    """Ratings as ``userId, movieId, rating, ts_ms`` (checked by ``check_columns``); ``ValueError`` naming the file, line and column on bad rows."""
     first = _first_line(path)
     if not first:
         raise ValueError(f"{path}: empty ratings file")
@@ -97,24 +98,9 @@ def _read_ratings(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, ValueError) as exc:
         raise ValueError(f"{path}: cannot parse ratings ({exc})") from None
     first_data_line = 2 if header else 1
-    out = {}
-    for col in RATING_COLUMNS:
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = values.isna().to_numpy()
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{path}: line {row + first_data_line}, column {col}: {frame[col].iloc[row]!r} is not a number "
-                f"({int(bad.sum())} bad rows)"
-            )
-        out[col] = values.to_numpy()
-    result = pd.DataFrame(out)
-    for col in ("userId", "movieId", "timestamp"):
-        v = result[col].to_numpy()
-        if (v != np.floor(v)).any() or (v < 0).any():
-            row = int(np.flatnonzero((v != np.floor(v)) | (v < 0))[0])
-            raise ValueError(f"{path}: line {row + first_data_line}, column {col}: {v[row]!r} is not a non-negative integer")
-    return result
+    cols = {c: frame[c] for c in RATING_COLUMNS}
+    checked = check_columns(path, cols, ids=("userId", "movieId"), ts="timestamp", unit="s", values=("rating",), first_line=first_data_line)
+    return pd.DataFrame({c: checked[c] for c in RATING_COLUMNS}).rename(columns={"timestamp": "ts_ms"})
 
 
 def _genre_code(genres: list[str], extra: dict[str, int]) -> int:
@@ -184,7 +170,7 @@ def load_movielens(path: str | Path) -> EventLog:
     raw = _read_ratings(file)
     events = pd.DataFrame(
         {
-            "ts_ms": raw.timestamp.to_numpy().astype(np.int64) * 1000,
+            "ts_ms": raw.ts_ms.to_numpy(),
             "user_id": raw.userId.to_numpy().astype(np.int64),
             "item_id": raw.movieId.to_numpy().astype(np.int64),
             "value": raw.rating.to_numpy().astype(np.float32),

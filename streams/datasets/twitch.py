@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from streams.datasets.base import EventLog, finalize_events
+from streams.datasets.checks import check_columns
 from streams.schema import MAX_DWELL_S, EventKind
 
 log = logging.getLogger(__name__)
@@ -109,20 +110,15 @@ def _read(path: Path) -> tuple[pd.DataFrame, str]:
         raw["row"] = np.arange(len(raw)).astype(str)
     out = pd.DataFrame(index=raw.index)
     numeric = ["row", "user", "start"] + [c for c in ("stop", "community") if c in raw.columns]
+    checked = check_columns(path, raw, ids=numeric, first_line=first_line)  # steps are integers too
+    for col in ("start", "stop"):
+        if col in checked:  # in ms they must fit the schema (no int64 overflow downstream)
+            check_columns(path, {col: checked[col]}, ts=col, unit="step", step_ms=STEP_MS, first_line=first_line)
     for col in numeric:
-        values = pd.to_numeric(raw[col], errors="coerce")
-        v = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = np.isnan(v) | (v < 0) | (v != np.floor(v))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{path}: line {row + first_line}, column {col}: {raw[col].iloc[row]!r} is not a non-negative integer "
-                f"({int(bad.sum())} bad rows)"
-            )
-        out[col] = v.astype(np.int64)
+        out[col] = checked[col]
     streamer_num = pd.to_numeric(raw["streamer"], errors="coerce")
     if streamer_num.notna().all():
-        out["streamer"] = streamer_num.to_numpy().astype(np.int64)
+        out["streamer"] = check_columns(path, raw, ids=("streamer",), first_line=first_line)["streamer"]
         names = None
     else:
         names = np.sort(raw["streamer"].unique())

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from streams.datasets.base import EventLog, finalize_events
+from streams.datasets.checks import check_columns
 from streams.schema import EventKind
 
 log = logging.getLogger(__name__)
@@ -80,28 +81,9 @@ def _read(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: cannot parse clicks ({exc})") from None
     raw.columns = [str(c).strip() for c in raw.columns]
     lower = {c.lower(): c for c in raw.columns}
-    out = {}
-    for col in HEADER:
-        text = raw[lower[col.lower()]]
-        v = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = np.isnan(v) | (v < 0)
-        if col != "Time":
-            bad |= v != np.floor(v)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            kind = "a non-negative number" if col == "Time" else "a non-negative integer"
-            raise ValueError(
-                f"{path}: line {row + 2}, column {col}: {text.iloc[row]!r} is not {kind} ({int(bad.sum())} bad rows)"
-            )
-        out[col] = v
-    # ids up to ~6e8 and times to the millisecond are exact in float64; rint removes the x.9999 of 0.001 steps
-    return pd.DataFrame(
-        {
-            "session": out["SessionId"].astype(np.int64),
-            "item": out["ItemId"].astype(np.int64),
-            "ts_ms": np.rint(out["Time"] * 1000.0).astype(np.int64),
-        }
-    )
+    cols = {col: raw[lower[col.lower()]] for col in HEADER}
+    out = check_columns(path, cols, ids=("SessionId", "ItemId"), ts="Time", unit="s", first_line=2)
+    return pd.DataFrame({"session": out["SessionId"], "item": out["ItemId"], "ts_ms": out["Time"]})
 
 
 def load_yoochoose(path: str | Path) -> EventLog:

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI
 
 from streams.candidates import Candidates, quantize_rows
 from cloud_recsys.availability import Availability
 from cloud_recsys.http import candidates_to_json
 from streams.batch import EventBatch
 from streams.schema import POSITIVE_KINDS
+from tandem.services.candidate_api import BatchBody, guard, parse_query
 from tandem.services.settings import CloudSettings
 
 log = logging.getLogger(__name__)
@@ -149,27 +150,20 @@ class PopularityEngine:
 
     def http_app(self) -> FastAPI:
         """GET /candidates?user_id=&k=&at_ms= and POST /candidates:batch (JSON)."""
-        app = FastAPI(title="tandem cloud (popularity)")
+        app = guard(FastAPI(title="tandem cloud (popularity)"))
 
         @app.get("/candidates")
-        def get_candidates(user_id: int = Query(...), k: int = Query(100, ge=1, le=1000), at_ms: int = 0) -> dict[str, Any]:
-            return candidates_to_json(self.candidates(user_id, k, at_ms))
+        def get_candidates(user_id: str | None = None, k: str | None = None, at_ms: str | None = None) -> dict[str, Any]:
+            q = parse_query(user_id, k, at_ms)
+            return candidates_to_json(self.candidates(q.user_id, q.k or self.settings.k, q.at_ms or 0))
 
-        @app.post("/candidates:batch")
-        def batch(body: dict[str, Any]) -> dict[str, Any]:
-            reqs = body.get("requests")
-            if isinstance(reqs, list):  # the fleet's form: per-request user and time (sessions unused here)
-                try:
-                    pairs = [(int(r["user_id"]), int(r.get("at_ms", body.get("at_ms", 0)))) for r in reqs]
-                except (KeyError, TypeError, ValueError, AttributeError):
-                    raise HTTPException(422, "requests must be objects with an integer user_id") from None
-            else:
-                users = body.get("user_ids")
-                if not isinstance(users, list):
-                    raise HTTPException(422, "give requests or user_ids as a list")
-                pairs = [(int(u), int(body.get("at_ms", 0))) for u in users]
-            k = int(body.get("k", 100))
-            return {"results": [candidates_to_json(self.candidates(u, k, at)) for u, at in pairs], "model_version": self.version}
+        def post_batch(body: BatchBody) -> dict[str, Any]:
+            k, at = body.k or self.settings.k, body.at_ms or 0  # sessions are unused here
+            out = [self.candidates(r.user_id, k, r.at_ms if r.at_ms is not None else at) for r in body.as_requests()]
+            return {"results": [candidates_to_json(c) for c in out], "model_version": self.version}
+
+        app.post("/candidates:batch")(post_batch)
+        app.post("/candidates/batch")(post_batch)
 
         return app
 

@@ -85,7 +85,7 @@ class EngineClient:
         self.engine = engine
 
     def fetch(self, requests: list[dict[str, Any]], k: int) -> list[Candidates]:
-        from tandem.services.recommender_engine import RequestBody
+        from tandem.services.candidate_api import RequestBody
 
         if hasattr(self.engine, "requests"):  # the recommender engine: sessions travel with the fetch
             return self.engine.candidates([RequestBody(**r) for r in requests], k, None)

@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
 
 from cloud_recsys.availability import Availability
 from streams.candidates import Candidates
@@ -29,16 +28,10 @@ from cloud_recsys.recommender import Request, Session, build_recommender
 from device_rerank.config import RerankerConfig
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
+from tandem.services.candidate_api import MAX_SESSION, BatchBody, RequestBody, SessionBody, guard, parse_query
 from tandem.services.settings import CloudSettings
 from tandem.strategies import make_strategies
 from tandem.strategies.server import StrategyCloud, serve_candidates
-
-#: Bounds of one candidate request (a device sends at most its recent items).
-MAX_K = 1000
-MAX_BATCH = 1000
-MAX_SESSION = 256
-MAX_ID = 2**63 - 1
-
 
 def encode_reranker(model: Reranker) -> str:
     """A shared reranker as text for the refresh topic (zlib-compressed float32 parameters, base64)."""
@@ -69,27 +62,6 @@ def catalogue_categories(source: str, events: int = 0) -> dict[int, int]:
     from tandem.services.replayer_service import load_log
 
     return load_log(source, events).item_categories()
-
-
-class SessionBody(BaseModel):
-    item_ids: list[int] = Field(default_factory=list, max_length=MAX_SESSION)
-    ts_ms: list[int] | None = Field(default=None, max_length=MAX_SESSION)
-
-
-class RequestBody(BaseModel):
-    user_id: int = Field(ge=0, le=MAX_ID)
-    at_ms: int | None = Field(default=None, ge=0, le=MAX_ID)  # this fetch's time (default: the batch's)
-    session: SessionBody | None = None
-    exclude: list[int] | None = Field(default=None, max_length=10_000)
-
-
-class BatchBody(BaseModel):
-    """POST /candidates:batch: either ``requests`` (each with the device's session) or bare ``user_ids``."""
-
-    requests: list[RequestBody] | None = Field(default=None, max_length=MAX_BATCH)
-    user_ids: list[int] | None = Field(default=None, max_length=MAX_BATCH)
-    k: int | None = Field(default=None, ge=1, le=MAX_K)
-    at_ms: int | None = Field(default=None, ge=0, le=MAX_ID)
 
 
 class RecommenderEngine:
@@ -249,16 +221,11 @@ class RecommenderEngine:
         ``items`` (comma-separated ids, oldest first) is the device's session; without it the
         cloud uses its own copy of the user's recent items. ``at_ms`` defaults to the log's clock.
         """
-        app = FastAPI(title="tandem cloud")
+        app = guard(FastAPI(title="tandem cloud"))
 
         @app.get("/candidates")
-        def get_candidates(user_id: int, k: int | None = None, at_ms: int | None = None, items: str | None = None) -> dict[str, Any]:
-            if not 0 <= user_id <= MAX_ID:
-                raise HTTPException(400, f"user_id must be in 0..{MAX_ID}")
-            if k is not None and not 1 <= k <= MAX_K:
-                raise HTTPException(400, f"k must be in 1..{MAX_K}, got {k}")
-            if at_ms is not None and at_ms < 0:
-                raise HTTPException(400, "at_ms must be >= 0")
+        def get_candidates(user_id: str | None = None, k: str | None = None, at_ms: str | None = None, items: str | None = None) -> dict[str, Any]:
+            q = parse_query(user_id, k, at_ms)
             session = None
             if items:
                 try:
@@ -268,18 +235,10 @@ class RecommenderEngine:
                 if len(ids) > MAX_SESSION:
                     raise HTTPException(400, f"at most {MAX_SESSION} session items")
                 session = SessionBody(item_ids=ids)
-            return candidates_to_json(self.candidates([RequestBody(user_id=user_id, session=session)], k, at_ms)[0])
+            return candidates_to_json(self.candidates([RequestBody(user_id=q.user_id, session=session)], q.k, q.at_ms)[0])
 
         def post_batch(body: BatchBody) -> dict[str, Any]:
-            if (body.requests is None) == (body.user_ids is None):
-                raise HTTPException(422, "give exactly one of requests or user_ids")
-            if body.requests is not None:
-                reqs = body.requests
-            else:
-                assert body.user_ids is not None
-                if any(not 0 <= u <= MAX_ID for u in body.user_ids):
-                    raise HTTPException(400, f"user_ids must be in 0..{MAX_ID}")
-                reqs = [RequestBody(user_id=u) for u in body.user_ids]
+            reqs = body.as_requests()
             try:
                 out = self.candidates(reqs, body.k, body.at_ms)
             except ValueError as exc:
