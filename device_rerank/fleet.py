@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from streams.candidates import top_indices
+from streams.candidates import Candidates, quantize_rows, top_indices
 from device_rerank.config import DeviceConfig
 from device_rerank.device import CandidateSource, Device
 from device_rerank.envelope import Keyring
@@ -61,8 +61,6 @@ class VectorCandidateSource:
         model_version: int = 1,
         seed: int = 0,
     ) -> None:
-        from streams.candidates import quantize_rows
-
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self.item_vectors = np.asarray(item_vectors, dtype=np.float32)
         self.emb_q, self.emb_scale = quantize_rows(self.item_vectors)
@@ -72,9 +70,7 @@ class VectorCandidateSource:
         self.rng = np.random.default_rng(seed)
         self.calls = 0
 
-    def candidates(self, user_id: int, k: int = 100, at_ms: int | None = None) -> "Candidates":
-        from streams.candidates import Candidates
-
+    def candidates(self, user_id: int, k: int = 100, at_ms: int | None = None) -> Candidates:
         self.calls += 1
         k = min(k, len(self.item_ids))
         u = self.user_vectors.get(int(user_id))
