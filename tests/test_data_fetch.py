@@ -58,3 +58,12 @@ def test_unknown_name_and_missing_data_name_the_command(tmp_path: Path, monkeypa
     monkeypatch.setenv("TANDEM_DATA", str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="tandem data fetch yoochoose"):
         load_source("yoochoose")
+
+
+def test_unreachable_source_exits_2_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = data_cmd.Remote("twitch105k.csv", (tmp_path / "missing.csv").as_uri(), "0" * 64)
+    monkeypatch.setitem(data_cmd.DATASETS, "twitch", data_cmd.Dataset("twitch-livestream-2000u", (gone,), "t"))
+    res = CliRunner().invoke(app, ["data", "fetch", "twitch", "--dest", str(tmp_path / "data")])
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error")]
+    assert res.exit_code == 2 and len(errors) == 1 and "cannot download" in errors[0], res.output
+    assert not (tmp_path / "data" / "twitch-livestream-2000u").exists()

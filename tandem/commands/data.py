@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,12 @@ def fetch(name: str, dest: Path) -> Path:
                 continue
             part = folder / f".{f.name}.part"
             typer.echo(f"downloading {f.url}", err=True)
-            got = download(f.url, part)
             staged.append((part, target))
+            try:
+                got = download(f.url, part)
+            except (urllib.error.URLError, OSError) as exc:
+                why = getattr(exc, "reason", None) or exc.strerror or exc
+                raise ValueError(f"{name}: cannot download {f.url}: {why}; nothing written") from None
             if got != f.sha256:
                 raise ValueError(f"{name}: checksum mismatch for {f.name} from {f.url}: expected sha256 {f.sha256[:12]}..., got {got[:12]}...; nothing written")
         for part, target in staged:
