@@ -36,3 +36,10 @@ def test_python_api_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert list(df.index) == result.labels() and df.loc["feature", "NDCG@10"] == pytest.approx(ndcg.mean)
     back = EvaluationResult.from_json(tmp_path / "runs" / "api" / "results.json")
     assert back.get("feature").metrics["NDCG@10"].mean == pytest.approx(ndcg.mean)
+
+
+def test_first_screen_says_what_and_how() -> None:
+    """The first screen: what Tandem is, make demo / make test, and the demo's verdict line."""
+    first = "\n".join(README.read_text().splitlines()[:30])
+    assert "make demo" in first and "make test" in first
+    assert re.search(r"^Verdict: \S+ is the best strategy, NDCG@10 \d\.\d{4}, ", first, re.M), "paste the demo's real verdict line"
