@@ -87,6 +87,42 @@ def test_remote_sources_scraped() -> None:
     assert point["model_version"] == 4 and col.up == {"cloud": True, "gone": False}
 
 
+def test_dead_letter_reasons_and_lag_exposed() -> None:
+    """Per-reason dead letters (a labelled counter) and replayed - applied lag reach /api/series and the page."""
+    from fastapi import FastAPI
+
+    from tandem.services.metrics import add_metrics_routes
+
+    cloud, replayer = Registry("cloud"), Registry("replayer")
+    replayer.set("events_replayed", 1000)
+    cloud.set("user_events_applied", 940)
+    cloud.inc("dead_letters_by_reason", labels={"reason": "interactions: out of schema"})
+    cloud.inc("dead_letters_by_reason", 2, labels={"reason": "device-updates: replayed"})
+    col = Collector([cloud, replayer], poll_s=0.05)
+    col.sample()
+    data = TestClient(create_app(col)).get("/api/series").json()
+    assert data["points"][-1]["replay_lag"] == 60
+    assert data["dead_letters_by_reason"] == {"interactions: out of schema": 1, "device-updates: replayed": 2}
+    assert 'tandem_dead_letters_by_reason_total{service="cloud",reason="device-updates: replayed"} 2.0' in cloud.prometheus()
+    html = (STATIC / "index.html").read_text()
+    assert "replay_lag" in html and "dead_letters_by_reason" in html and "replay_lag" in CHART_FIELDS
+    with HttpServer(add_metrics_routes(FastAPI(), cloud)) as srv:  # scraped from a remote cloud too
+        remote = Collector(remote={"cloud": srv.url}, poll_s=0.1)
+        point = remote.sample()
+        remote.stop()
+    assert point["dead_letters_by_reason"]["device-updates: replayed"] == 2 and "replay_lag" not in point
+
+
+def test_label_values_are_bounded() -> None:
+    from tandem.services.metrics import MAX_LABEL_VALUES
+
+    reg = Registry("cloud")
+    for i in range(MAX_LABEL_VALUES + 5):
+        reg.inc("dead_letters_by_reason", labels={"reason": f"r{i}"})
+    counts = reg.labeled("dead_letters_by_reason")
+    assert len(counts) == MAX_LABEL_VALUES + 1 and counts["other"] == 5
+
+
 def chart_pixels(png: Path, color: tuple[int, int, int], tol: int = 40) -> int:
     """Pixels within ``tol`` of ``color`` (the chart lines)."""
     from PIL import Image

@@ -229,6 +229,7 @@ def test_each_event_applied_once_and_bad_inputs_dead_lettered() -> None:
     letters = dlq(t, TOPIC_INTERACTIONS)
     assert len(letters) == 2 and {d.row for d in letters} == {None, 2}
     assert {d.reason.split(":")[0] for d in letters} == {"out of schema", "unknown event kind"}
+    assert w.metrics.labeled("dead_letters_by_reason") == {f"{TOPIC_INTERACTIONS}: out of schema": 1, f"{TOPIC_INTERACTIONS}: unknown event kind": 1}
     row = next(d for d in letters if d.row == 2)
     from streams.batch import decode_record
 
@@ -293,6 +294,9 @@ def test_updates_verified_deduplicated_and_dead_lettered() -> None:
     assert w.metrics.counter("updates_duplicate") == 3
     reasons = sorted(d.reason.split(":")[0] for d in dlq(t, TOPIC_UPDATES))
     assert reasons == ["bad_signature", "oversized", "replayed"]
+    by_reason = w.metrics.labeled("dead_letters_by_reason")
+    assert by_reason == {f"{TOPIC_UPDATES}: {r}": 1 for r in reasons}
+    assert f'reason="{TOPIC_UPDATES}: oversized"' in w.metrics.prometheus()
 
 
 def test_update_backpressure() -> None:

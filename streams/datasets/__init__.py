@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,7 +25,16 @@ SHARED_FOLDERS: Final[dict[str, str]] = {
 }
 SOURCES: Final[tuple[str, ...]] = ("synthetic", "movielens", "twitch", "yoochoose")
 
-__all__ = ["EventLog", "finalize_events", "load_source", "detect_format", "SOURCES", "SHARED_DATA"]
+__all__ = ["EventLog", "finalize_events", "load_source", "detect_format", "data_root", "SOURCES", "SHARED_DATA", "SHARED_FOLDERS"]
+
+
+def data_root() -> Path:
+    """Where named real sources live: ``$TANDEM_DATA`` when set, else ``SHARED_DATA``.
+
+    ``tandem data fetch NAME`` writes ``data_root() / SHARED_FOLDERS[NAME]`` by default.
+    """
+    env = os.environ.get("TANDEM_DATA")
+    return Path(env).expanduser() if env else SHARED_DATA
 
 
 def detect_format(path: Path) -> str:
@@ -78,10 +88,10 @@ def _is_number(text: str) -> bool:
 def _shared(name: str, path: str | Path | None) -> Path:
     if path is not None:
         return Path(path)
-    folder = SHARED_DATA / SHARED_FOLDERS[name]
+    folder = data_root() / SHARED_FOLDERS[name]
     if not folder.exists():
         raise ValueError(
-            f"source {name!r}: {folder} not found; fetch it with `bash data/fetch.sh {name}` "
+            f"source {name!r}: {folder} not found; fetch it with `tandem data fetch {name}` "
             f"(see data/README.md) or give the file or folder as the source"
         )
     return folder

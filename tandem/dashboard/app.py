@@ -44,7 +44,25 @@ CHART_FIELDS: tuple[str, ...] = (
     "updates_applied",
     "updates_rejected",
     "consumer_lag",
+    "replay_lag",
 )
+
+#: Labelled counter of the cloud's dead letters (``{"<topic>: <reason>": count}``), shown as a table.
+DEAD_LETTERS = "dead_letters_by_reason"
+
+
+def derived(point: dict[str, Any]) -> dict[str, Any]:
+    """Fields computed from several services' metrics in one point.
+
+    ``replay_lag``: user events the replayer sent that the cloud has not applied yet
+    (``events_replayed - user_events_applied``, or ``events_applied`` from an older cloud);
+    present only when both sides report. Dead-lettered events stay in it: they were never applied.
+    """
+    applied = point.get("user_events_applied", point.get("events_applied"))
+    replayed = point.get("events_replayed")
+    if not isinstance(applied, (int, float)) or not isinstance(replayed, (int, float)):
+        return {}
+    return {"replay_lag": max(0.0, float(replayed) - float(applied))}
 
 
 def parse_sources(sources: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -79,7 +97,7 @@ class Collector:
         self.remote = remote or {}
         self.poll_s = poll_s
         self.extra = extra
-        self.history = History(self.registries, rate_of=RATE_COUNTERS)
+        self.history = History(self.registries, rate_of=RATE_COUNTERS, derive=derived)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dashboard-collector", daemon=True)
         self._client = httpx.Client(timeout=2.0)
@@ -95,6 +113,8 @@ class Collector:
                 for key, value in data.items():
                     if isinstance(value, (int, float)) and key != "time":
                         merged[key] = value
+                    elif isinstance(value, dict):  # a labelled counter
+                        merged[key] = {str(k): v for k, v in value.items() if isinstance(v, (int, float))}
                 self.up[name] = True
             except (httpx.HTTPError, ValueError) as exc:
                 if self.up.get(name, True):
@@ -148,11 +168,13 @@ def create_app(collector: Collector, title: str = "Tandem live") -> FastAPI:
     def series(since: float = 0.0) -> dict[str, Any]:
         points = collector.history.series(since)
         fields = list(CHART_FIELDS) + ["phase", "done"]
+        everything = collector.history.series()
         return {
             "title": title,
             "now": time.time(),
             "sources": collector.up,
             "points": [{"t": p["time"], **{k: p[k] for k in fields if k in p}} for p in points],
+            DEAD_LETTERS: dict(everything[-1].get(DEAD_LETTERS, {})) if everything else {},
         }
 
     @app.get("/api/latest")

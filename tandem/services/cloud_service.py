@@ -20,6 +20,7 @@ import base64
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -80,6 +81,15 @@ def dead_letter(reason: str, rec: Record, payload: bytes | None = None, row: int
             payload_b64=base64.b64encode(rec.value if payload is None else payload).decode(),
         )
     )
+
+
+def reason_key(topic: str, reason: str) -> str:
+    """A bounded label for a dead-letter reason: ``"<topic>: <reason before ':'>"``, digits as ``N``.
+
+    Why: reasons carry values ("batch of 5000 events exceeds ..."); a metric label must not.
+    """
+    head = re.sub(r"\d+", "N", reason.split(":", 1)[0]).strip()
+    return f"{topic}: {head[:60]}"
 
 
 def dlq_key(rec: Record, row: int | None) -> tuple[str, int, int, int]:
@@ -410,6 +420,7 @@ class CloudWorker:
         self.transport.produce(dlq_topic(rec.topic), dead_letter(reason, rec, payload, row), key=rec.key)
         name = "updates_rejected" if rec.topic == TOPIC_UPDATES else "events_dead_lettered"
         self.metrics.inc(name, help="inputs sent to a dead-letter topic")
+        self.metrics.inc("dead_letters_by_reason", labels={"reason": reason_key(rec.topic, reason)}, help="dead letters by input topic and reason")
         log.warning("dead letter from %s[%d]@%d row=%s: %s", rec.topic, rec.partition, rec.offset, row, reason)
 
     def _decode(self, rec: Record) -> EventBatch | None:

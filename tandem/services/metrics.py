@@ -1,7 +1,9 @@
 """Process metrics for the services: counters, gauges and latency summaries.
 
 One ``Registry`` per service; it renders the Prometheus text format (``/metrics``)
-and a JSON snapshot (``/metrics.json``) that the dashboard polls. ``History`` keeps a
+and a JSON snapshot (``/metrics.json``) that the dashboard polls. A counter may carry one
+label (``inc(name, labels={"reason": ...})``, at most ``MAX_LABEL_VALUES`` values per counter, the
+rest counted as ``other``); it appears in the snapshot as ``{name: {value: count}}``. ``History`` keeps a
 bounded time series of snapshots so charts survive a page reload.
 """
 
@@ -14,13 +16,16 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Deque
+from typing import Any, Callable, Deque
 
 import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 log = logging.getLogger(__name__)
+
+#: Distinct label values kept per labelled counter; further values are counted under "other".
+MAX_LABEL_VALUES = 32
 
 
 @dataclass
@@ -59,14 +64,27 @@ class Registry:
         self._counters: dict[str, float] = {}
         self._gauges: dict[str, float] = {}
         self._summaries: dict[str, Summary] = {}
+        self._labeled: dict[str, tuple[str, dict[str, float]]] = {}  # name -> (label key, {label value: count})
         self._help: dict[str, str] = {}
 
-    def inc(self, name: str, value: float = 1.0, help: str = "") -> None:
-        """Add ``value`` to counter ``name``."""
+    def inc(self, name: str, value: float = 1.0, help: str = "", labels: dict[str, str] | None = None) -> None:
+        """Add ``value`` to counter ``name``; with ``labels`` (one key), to that label value's count."""
         with self._lock:
-            self._counters[name] = self._counters.get(name, 0.0) + value
+            if labels:
+                ((key, label),) = labels.items()
+                _, counts = self._labeled.setdefault(name, (key, {}))
+                if label not in counts and len(counts) >= MAX_LABEL_VALUES:
+                    label = "other"
+                counts[label] = counts.get(label, 0.0) + value
+            else:
+                self._counters[name] = self._counters.get(name, 0.0) + value
             if help:
                 self._help[name] = help
+
+    def labeled(self, name: str) -> dict[str, float]:
+        """``{label value: count}`` of labelled counter ``name`` (empty when never incremented)."""
+        with self._lock:
+            return dict(self._labeled.get(name, ("", {}))[1])
 
     def set(self, name: str, value: float, help: str = "") -> None:
         """Set gauge ``name``."""
@@ -100,6 +118,7 @@ class Registry:
         with self._lock:
             out: dict[str, Any] = dict(self._counters)
             out.update(self._gauges)
+            out.update({name: dict(counts) for name, (_, counts) in self._labeled.items()})
             for name, s in self._summaries.items():
                 out[f"{name}_count"] = s.count
                 out[f"{name}_sum"] = s.total
@@ -119,9 +138,14 @@ class Registry:
             counters = dict(self._counters)
             summaries = {k: (v.count, v.total, v.quantile(0.5), v.quantile(0.95)) for k, v in self._summaries.items()}
             helps = dict(self._help)
+            labeled = {name: (key, dict(counts)) for name, (key, counts) in self._labeled.items()}
         for name, value in sorted(counters.items()):
             metric = f"tandem_{name}_total"
             lines += [f"# HELP {metric} {helps.get(name, name)}", f"# TYPE {metric} counter", f"{metric}{label} {value}"]
+        for name, (key, counts) in sorted(labeled.items()):
+            metric = f"tandem_{name}_total"
+            lines += [f"# HELP {metric} {helps.get(name, name)}", f"# TYPE {metric} counter"]
+            lines += [f'{metric}{{service="{self.service}",{key}="{_escape(v)}"}} {c}' for v, c in sorted(counts.items())]
         for name, value in sorted(snap.items()):
             if name in counters or name in ("service", "time") or not isinstance(value, (int, float)):
                 continue
@@ -142,6 +166,11 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
+def _escape(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _current_rss_bytes() -> int:
     """Resident set size now (Linux /proc), 0 where unavailable."""
     try:
@@ -158,12 +187,20 @@ class History:
         registries: the registries to sample (merged; later names win).
         max_points: points kept (oldest dropped).
         rate_of: counters whose per-second rate is added as ``<name>_per_s``.
+        derive: adds fields computed from a whole point (e.g. a lag from two services' counters).
     """
 
-    def __init__(self, registries: list[Registry], max_points: int = 600, rate_of: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        registries: list[Registry],
+        max_points: int = 600,
+        rate_of: tuple[str, ...] = (),
+        derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         self.registries = registries
         self.points: Deque[dict[str, Any]] = collections.deque(maxlen=max_points)
         self.rate_of = rate_of
+        self.derive = derive
         self._lock = threading.Lock()
 
     def merged(self) -> dict[str, Any]:
@@ -177,6 +214,8 @@ class History:
         point = self.merged()
         if extra:
             point.update(extra)
+        if self.derive is not None:
+            point.update(self.derive(point))
         point["time"] = time.time()
         with self._lock:
             # rate over the last few samples: smooth, but still responsive
