@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -90,6 +90,31 @@ def reason_key(topic: str, reason: str) -> str:
     """
     head = re.sub(r"\d+", "N", reason.split(":", 1)[0]).strip()
     return f"{topic}: {head[:60]}"
+
+
+def read_to_end(transport: Transport, topic: str, group: str, tail: int | None = None, timeout_s: float = 30.0) -> Iterator[Record]:
+    """Every record of ``topic`` (or the last ``tail`` of each partition) up to its current end.
+
+    A fixed assignment (no group join); the end is re-read whenever a poll comes back empty,
+    since a fresh consumer's ``end_offsets()`` can fall short on some brokers.
+    """
+    cons = transport.consumer(topic, group, partitions=list(range(transport.partitions(topic))))
+    try:
+        if tail is None:
+            cons.seek_to_beginning()
+        else:
+            for part, end in cons.end_offsets().items():
+                cons.seek(part, max(0, end - tail))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            recs = cons.poll(1000, timeout_s=0.5)
+            if not recs:
+                ends, pos = cons.end_offsets(), cons.positions()
+                if all(pos.get(p, 0) >= e for p, e in ends.items()):
+                    break
+            yield from recs
+    finally:
+        cons.close()
 
 
 def dlq_key(rec: Record, row: int | None) -> tuple[str, int, int, int]:
@@ -311,51 +336,23 @@ class CloudWorker:
 
     def _last_announced_version(self, tail: int = 16) -> int:
         """The newest ``model_version`` on ``model-refresh`` (0 when none), from the topic's tail."""
-        parts = list(range(self.transport.partitions(TOPIC_REFRESH)))
-        cons = self.transport.consumer(TOPIC_REFRESH, f"{self.settings.group}-refresh-scan", partitions=parts)
         newest = 0
-        try:
-            ends = cons.end_offsets()
-            for part, end in ends.items():
-                cons.seek(part, max(0, end - tail))
-            deadline = time.monotonic() + 30.0
-            while time.monotonic() < deadline:
-                recs = cons.poll(500, timeout_s=0.5)
-                if not recs and all(cons.positions().get(p, 0) >= e for p, e in ends.items()):
-                    break
-                for rec in recs:
-                    try:
-                        newest = max(newest, int(json.loads(rec.value)["model_version"]))
-                    except (ValueError, KeyError, TypeError):
-                        continue
-        finally:
-            cons.close()
+        for rec in read_to_end(self.transport, TOPIC_REFRESH, f"{self.settings.group}-refresh-scan", tail=tail):
+            try:
+                newest = max(newest, int(json.loads(rec.value)["model_version"]))
+            except (ValueError, KeyError, TypeError):
+                continue
         return newest
 
     def _load_dead_letters(self) -> None:
         """Re-read the DLQs so reprocessing after a crash never dead-letters an input twice."""
         for topic in self.TOPICS:
-            name = dlq_topic(topic)
-            cons = self.transport.consumer(
-                name, f"{self.settings.group}-dlq-scan", partitions=list(range(self.transport.partitions(name)))
-            )
-            try:
-                cons.seek_to_beginning()
-                deadline = time.monotonic() + 30.0
-                while time.monotonic() < deadline:
-                    recs = cons.poll(1000, timeout_s=0.5)
-                    if not recs:
-                        ends, pos = cons.end_offsets(), cons.positions()
-                        if all(pos.get(p, 0) >= e for p, e in ends.items()):
-                            break
-                    for r in recs:
-                        try:
-                            d = decode_dead_letter(r.value)
-                        except SchemaError:
-                            continue
-                        self._dead.add((d.topic, d.partition, d.offset, -1 if d.row is None else d.row))
-            finally:
-                cons.close()
+            for r in read_to_end(self.transport, dlq_topic(topic), f"{self.settings.group}-dlq-scan"):
+                try:
+                    d = decode_dead_letter(r.value)
+                except SchemaError:
+                    continue
+                self._dead.add((d.topic, d.partition, d.offset, -1 if d.row is None else d.row))
         if self._dead:
             log.info("found %d dead letters from earlier runs", len(self._dead))
 

@@ -46,6 +46,15 @@ def _in_list_rows(batches: Sequence[HardExamples]) -> tuple[np.ndarray, np.ndarr
     return x[keep], y[keep]
 
 
+def _as_tensors(x: np.ndarray, y: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the prior head's inputs: ctx features + cloud z, the device's own score, labels) as tensors."""
+    return (
+        torch.from_numpy(np.ascontiguousarray(x[:, :c], dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(x[:, -1], dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)),
+    )
+
+
 class StrategyCloud:
     """One strategy's cloud: served snapshot + overlays on the shared model (an ``AggregationTarget``).
 
@@ -114,9 +123,9 @@ class StrategyCloud:
 
     def _fit_on_examples(self, model: Reranker) -> bool:
         """Fit the prior head's context + cloud-score weights on the round's hard examples (logistic loss)."""
-        if not self._examples or self.data_fit_steps <= 0:
+        batches, self._examples = self._examples, []  # consumed even when not fitted: never piles up
+        if not batches or self.data_fit_steps <= 0:
             return False
-        batches, self._examples = self._examples, []
         # Held-out gate: every HOLDOUT_EVERY-th device batch is kept out of the fit and the
         # fitted step ships only if it does not raise their loss (a round never makes the
         # recent traffic it did not see worse). Whole batches, so no device is on both sides.
@@ -129,9 +138,7 @@ class StrategyCloud:
         # Hard examples are selected *because* the device scored them wrongly, so a plain fit
         # on them is biased (it learns "low cloud score wins"). Fit a small residual on top of
         # the device's own score instead (a boosting step), strongly pulled to zero.
-        xt = torch.from_numpy(np.ascontiguousarray(x[:, :c], dtype=np.float32))
-        offset = torch.from_numpy(np.ascontiguousarray(x[:, -1], dtype=np.float32))
-        yt = torch.from_numpy(y)
+        xt, offset, yt = _as_tensors(x, y, c)
         delta = torch.zeros(c, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=self.data_fit_lr)
         for _ in range(self.data_fit_steps):
@@ -146,9 +153,7 @@ class StrategyCloud:
                 d = d * (self.data_fit_max_step / n)
             hx, hy = _in_list_rows(held)
             if len(np.unique(hy)) == 2:
-                ht = torch.from_numpy(np.ascontiguousarray(hx[:, :c], dtype=np.float32))
-                hoff = torch.from_numpy(np.ascontiguousarray(hx[:, -1], dtype=np.float32))
-                hyt = torch.from_numpy(hy)
+                ht, hoff, hyt = _as_tensors(hx, hy, c)
                 bce = torch.nn.functional.binary_cross_entropy_with_logits
                 before = float(bce(hoff + ht @ torch.zeros(c), hyt))
                 after = float(bce(hoff + ht @ d, hyt))
