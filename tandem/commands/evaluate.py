@@ -307,30 +307,32 @@ def evaluate(
 
 
 def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any, source: str) -> Any:
-    """Run the replay under one progress bar.
+    """Run the replay under one progress bar that covers every worker.
 
-    With several workers, only the first reports progress (tandem/evaluation/prequential.py);
-    every worker replays the same events for its share of the strategies, so the bar is labelled
-    as that worker's pass, which ends when the slowest share is near its end too.
+    Each worker replays the same events for its share of the strategies; the bar counts
+    events done summed over workers (events x workers in all), so it reaches 100% when the
+    slowest worker ends.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from tandem.evaluation.prequential import run_prequential
+    from tandem.evaluation.protocol import replayed_events
 
-    n = len(log) if config.max_events is None else min(len(log), config.max_events)
-    parallel = workers > 1 and len(strats) > 1
-    label = f"replay {source}" + (f" (worker 1 of {min(workers, len(strats))}, the others run alongside)" if parallel else "")
+    n_workers = min(workers, len(strats)) if workers > 1 and len(strats) > 1 else 1
+    n = replayed_events(log, config)
+    label = f"replay {source}" + (f" ({n_workers} workers)" if n_workers > 1 else "")
+    unit = "events" if n_workers == 1 else f"events x {n_workers} workers"
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("events"), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
         TimeRemainingColumn(), console=console, transient=False,
     ) as bar:
-        task = bar.add_task(label, total=n)
+        task = bar.add_task(label, total=n * n_workers)
 
         def progress(i: int, total: int) -> None:
             bar.update(task, completed=i, total=total)
 
         result = run_prequential(log, strats, config, progress=progress, workers=workers)
-        bar.update(task, completed=bar.tasks[0].total, description=f"replay {source}: done, {len(strats)} strategies")
+        bar.update(task, description=f"replay {source}: done, {len(strats)} strategies")
     return result
 
 

@@ -54,7 +54,7 @@ from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, Updat
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
 from streams.datasets.base import EventLog
-from streams.schema import AVAILABILITY_KINDS, POSITIVE_KINDS
+from streams.schema import POSITIVE_KINDS
 from tandem.evaluation.baselines import DESCRIPTIONS as _BASELINE_DESC
 from tandem.evaluation.baselines import Baselines
 from tandem.evaluation.clouds import recommender_for
@@ -70,6 +70,7 @@ from tandem.evaluation.protocol import (
     relevant_sets,
     resolve_domain,
     sync_flags,
+    user_events,
     window_requests,
 )
 from tandem.evaluation.results import EvaluationResult, Points, StrategyResult
@@ -80,7 +81,6 @@ from tandem.strategies.server import StrategyCloud, serve_candidates, verifier_f
 logger = logging.getLogger(__name__)
 
 _POS = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
-_AVAIL = np.array(sorted(int(k) for k in AVAILABILITY_KINDS), dtype=np.uint8)
 
 
 # -- per-strategy run state -------------------------------------------------------------
@@ -119,7 +119,8 @@ def run_prequential(
         strategies: strategy instances (labels must be unique).
         config: protocol knobs.
         cloud_factory: builds the shared cloud (default: ``clouds.recommender_for``).
-        progress: called as ``progress(events_done, events_total)`` after each mini-batch.
+        progress: called as ``progress(events_done, events_total)`` after each mini-batch; with
+            several workers, summed over them (total = events x workers, reached when all end).
         reference: label the relative differences are computed against.
         workers: replay processes (forked; POSIX only). Strategies are split into groups
             of similar cost; each process trains its own copy of the (deterministic) cloud
@@ -155,12 +156,7 @@ def _run(
     """One replay of ``strategies``; ``vs_reference`` is left empty (the caller compares once, on all results)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {"cloud_train_s": 0.0, "retrieval_s": 0.0, "devices_s": 0.0, "rounds_s": 0.0, "baselines_s": 0.0}
-    ev = log.events
-    if config.max_events is not None:
-        ev = ev.iloc[: config.max_events]
-    user_rows = ~np.isin(ev.kind.to_numpy(), _AVAIL)
-    ev = ev[user_rows].reset_index(drop=True)
-    whole = EventBatch.from_frame(ev)
+    whole = EventBatch.from_frame(user_events(log, config))
     n = len(whole)
     users, ts, items, kinds, vals = whole.user_id, whole.ts_ms, whole.item_id, whole.kind, whole.value
     is_pos_raw = np.isin(kinds, _POS)
