@@ -223,6 +223,9 @@ def evaluate(
         "auto", "--domain", help="repeat (items are consumed again), feed (consumed items are never shown again) or auto."
     ),
     refetch_every: int = typer.Option(1, "--refetch-every", help="A device fetches again after this many engagements (0: only at session start and by time)."),
+    save_model: Optional[Path] = typer.Option(
+        None, "--save-model", help="Also save the trained cloud and each strategy's shared reranker in this folder (see docs/evaluation.md)."
+    ),
     plugin: list[str] = typer.Option([], "--plugin", help="Python module to import first; its register()ed strategies become selectable (repeatable)."),
 ) -> None:
     """Replay a log through every strategy (test-then-train), print the verdict and the table, write the report.
@@ -265,6 +268,8 @@ def evaluate(
     if path is not None:  # the old --path override of a named source's folder
         opts["path"] = path
     check_writable_dir(out)
+    if save_model is not None:
+        check_writable_dir(save_model, "--save-model")
 
     from rich.console import Console
 
@@ -289,7 +294,7 @@ def evaluate(
             refetch_every=refetch_every,
             seed=seed,
         )
-        result = _replay(log, strats, config, workers, err, source)
+        result = _replay(log, strats, config, workers, err, source, save_model)
         if thresholds and swept:
             result.frontier = frontier(result, swept)
         result.wall_s = time.perf_counter() - t0
@@ -304,9 +309,11 @@ def evaluate(
     Console().print(
         f"report: {paths['html']}  ({paths['markdown'].name}, results.json, {log_path.name}, plots) - total {result.wall_s:.0f}s", highlight=False, soft_wrap=True
     )
+    if save_model is not None:
+        Console().print(f"models: {save_model} (manifest.json; tandem.evaluation.saved.load_saved reads it)", highlight=False, soft_wrap=True)
 
 
-def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any, source: str) -> Any:
+def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any, source: str, save_to: Path | None = None) -> Any:
     """Run the replay under one progress bar that covers every worker.
 
     Each worker replays the same events for its share of the strategies; the bar counts
@@ -331,7 +338,7 @@ def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any
         def progress(i: int, total: int) -> None:
             bar.update(task, completed=i, total=total)
 
-        result = run_prequential(log, strats, config, progress=progress, workers=workers)
+        result = run_prequential(log, strats, config, progress=progress, workers=workers, save_to=save_to)
         bar.update(task, description=f"replay {source}: done, {len(strats)} strategies")
     return result
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -59,7 +60,10 @@ def run_parallel(
     progress: Callable[[int, int], None] | None,
     reference: str,
     workers: int,
+    save_to: Path | str | None = None,
 ) -> EvaluationResult:
+    """``run_prequential`` over ``workers`` forked processes (its arguments); with ``save_to``
+    each worker saves its own strategies there, and the first one the cloud."""
     import multiprocessing as mp
 
     from tandem.evaluation.prequential import _compare, _run  # the driver imports this module
@@ -76,7 +80,9 @@ def run_parallel(
 
         try:
             torch.set_num_threads(1)
-            res = _run(log, [strategies[i] for i in idx], config, cloud_factory, report, reference, baselines=g == 0)
+            res = _run(
+                log, [strategies[i] for i in idx], config, cloud_factory, report, reference, baselines=g == 0, save_to=save_to, save_cloud=g == 0
+            )
             conn.send_bytes(pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL))
         except BaseException as exc:  # report, do not hang the parent
             conn.send_bytes(pickle.dumps(exc))
