@@ -328,7 +328,7 @@ def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any
     n_workers = min(workers, len(strats)) if workers > 1 and len(strats) > 1 else 1
     n = replayed_events(log, config)
     label = f"replay {source}" + (f" ({n_workers} workers)" if n_workers > 1 else "")
-    unit = "events" if n_workers == 1 else f"events x {n_workers} workers"
+    unit = "events" if n_workers == 1 else f"events x{n_workers}"
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
         TimeRemainingColumn(), console=console, transient=False,
@@ -339,7 +339,7 @@ def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any
             bar.update(task, completed=i, total=total)
 
         result = run_prequential(log, strats, config, progress=progress, workers=workers, save_to=save_to)
-        bar.update(task, description=f"replay {source}: done, {len(strats)} strategies")
+        bar.update(task, description=f"replay {source}: done")
     return result
 
 
