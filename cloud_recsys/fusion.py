@@ -35,9 +35,10 @@ FEATURES: tuple[str, ...] = (
     "recency_1d",
     "is_last",  # the session's most recent item
     "interest",  # device interest vector . item (feature collaboration), standardised
+    "sknn",  # log1p(50 * share of the session neighbours' votes) (V-SkNN)
 )
 N_FEATURES = len(FEATURES)
-_PRIOR = {"two_tower_z": 0.5, "i2i_after": 1.0, "i2i_rank": 1.0, "i2i_before": 0.5, "pop_day": 0.3, "pop_week": 0.3, "rep16": 0.5, "recency_1h": 0.5}
+_PRIOR = {"two_tower_z": 0.5, "i2i_after": 1.0, "i2i_rank": 1.0, "i2i_before": 0.5, "sknn": 0.5, "pop_day": 0.3, "pop_week": 0.3, "rep16": 0.5, "recency_1h": 0.5}
 
 
 @dataclass(frozen=True)

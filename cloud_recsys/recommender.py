@@ -6,6 +6,8 @@ One model, used by the evaluation and the services alike. Channels:
   session (the device's recent items travel with the fetch), so a user the cloud has never
   seen gets session-based candidates instead of the popularity list;
 * item-to-item co-occurrence after (and before) the session's recent items (``ItemToItem``);
+* session neighbours: items of past sessions of other users like this one (``SessionKNN``,
+  V-SkNN);
 * trending: time-decayed popularity (``DecayedCounts``), three half-lives as features;
 * repeats: the session's own items, with LiveRec's REP count and time-since-last features.
 
@@ -27,6 +29,7 @@ from cloud_recsys.config import TwoTowerConfig
 from cloud_recsys.cooccurrence import ItemToItem
 from cloud_recsys.fusion import FEATURES, N_FEATURES, FusionConfig, FusionRanker
 from cloud_recsys.popularity import decay_weights
+from cloud_recsys.session_knn import SessionKNN
 from streams.candidates import top_indices
 from cloud_recsys.trainer import OnlineTrainer
 from streams.batch import EventBatch
@@ -96,7 +99,7 @@ class RecommenderConfig:
     """Sizes of the channels and the ranking stage.
 
     Args:
-        two_tower_k / i2i_k / trending_k: candidates each channel contributes per request.
+        two_tower_k / i2i_k / sknn_k / trending_k: candidates each channel contributes per request.
         session_len: recent items a device sends (REP counts the last 16 of them).
         i2i_window: positives each new positive is paired with (co-occurrence).
         session_gap_ms: inactivity that ends a session (co-occurrence pairs within it only).
@@ -109,6 +112,7 @@ class RecommenderConfig:
 
     two_tower_k: int = 100
     i2i_k: int = 60
+    sknn_k: int = 60
     trending_k: int = 40
     session_len: int = 32
     i2i_window: int = 3
@@ -168,6 +172,7 @@ class CloudRecommender:
         self.allowed_at = allowed_at
         self.trainer = OnlineTrainer(cfg.two_tower, item_categories=item_categories)
         self.i2i = ItemToItem(cfg.i2i_window, cfg.session_gap_ms)
+        self.sknn = SessionKNN(session_gap_ms=cfg.session_gap_ms)
         self.pops = (DecayedCounts(DAY_MS), DecayedCounts(7 * DAY_MS), DecayedCounts(None))
         self.fusion = FusionRanker(cfg.fusion)
         self.row_of: dict[int, int] = {}
@@ -254,6 +259,7 @@ class CloudRecommender:
             if lists:
                 self.fusion_loss = self.fusion.learn(lists, tgt)
         self.i2i.update(users, items, ts)
+        self.sknn.update(users, items, ts)
         for p in self.pops:
             p.add(rows, ts, self.n_rows)
         out = self.trainer.train_batch(batch)
@@ -350,14 +356,15 @@ class CloudRecommender:
             i2i_f = self.i2i.scores(req.session.item_ids, 0)
             i2i_b = self.i2i.scores(req.session.item_ids, 1)
             i2i_l = self.i2i.scores(req.session.item_ids, 0, query_len=1)
-            for ids_, sc_ in (i2i_f, i2i_b):
+            knn = self.sknn.scores(req.session.item_ids, req.user_id)
+            for ids_, sc_, kk in ((*i2i_f, cfg.i2i_k), (*i2i_b, cfg.i2i_k), (*knn, cfg.sknn_k)):
                 if len(ids_):
                     r_ = self._rows(ids_)
                     good = (r_ >= 0) & (r_ < n_rows)
                     r_, sc2 = r_[good], sc_[good]
                     good = ok[r_]
                     r_, sc2 = r_[good], sc2[good]
-                    parts.append(r_[np.lexsort((r_, -sc2))][: cfg.i2i_k])
+                    parts.append(r_[np.lexsort((r_, -sc2))][:kk])
             key = id(req.allowed) if req.allowed is not None else -1
             tr = trend_cache.get(key) if not req.exclude else None
             if tr is None:
@@ -378,7 +385,7 @@ class CloudRecommender:
                     f[:, _F["two_tower_z"]] = _z(t)
                 if iv_scores is not None:
                     f[:, _F["interest"]] = _z(iv_scores[cand])
-                for name, (ids_, sc_) in (("i2i_after", i2i_f), ("i2i_before", i2i_b), ("i2i_last", i2i_l)):
+                for name, (ids_, sc_) in (("i2i_after", i2i_f), ("i2i_before", i2i_b), ("i2i_last", i2i_l), ("sknn", knn)):
                     if len(ids_):
                         f[:, _F[name]] = np.log1p(50.0 * _lookup(raw[cand], ids_, sc_))
                 if len(i2i_f[0]):

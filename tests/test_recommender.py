@@ -11,6 +11,7 @@ from cloud_recsys.cooccurrence import ItemToItem
 from cloud_recsys.fusion import FEATURES, FusionRanker
 from streams.candidates import top_indices
 from cloud_recsys.recommender import CloudRecommender, DecayedCounts, RecommenderConfig, Request, Session
+from cloud_recsys.session_knn import SessionKNN
 from streams.batch import EventBatch
 from streams.schema import EventKind
 
@@ -69,6 +70,43 @@ def test_item_to_item_query_weights_the_most_recent_item_most() -> None:
 
 
 # -- trending ----------------------------------------------------------------------------
+# -- session kNN ------------------------------------------------------------------------
+def test_session_knn_votes_by_similarity_of_whole_sessions() -> None:
+    knn = SessionKNN(k=2, session_gap_ms=10 * MIN)
+    # three past sessions: (1, 2, 3, 7), (1, 2, 4), (5, 3, 6); the query (1, 2) is most like the first two
+    users = [1, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    items = [1, 2, 3, 7, 1, 2, 4, 5, 3, 6]
+    knn.update(np.array(users), np.array(items), np.arange(len(users)) * 1000)
+    ids, sc = knn.scores(np.array([1, 2]), user_id=99)
+    got = dict(zip(ids.tolist(), sc.tolist()))
+    assert set(got) == {1, 2, 3, 4, 7}  # session 3 shares no item: never a neighbour
+    assert got[3] == pytest.approx(got[4]) and got[3] == pytest.approx(got[7])
+    assert sum(got.values()) == pytest.approx(1.0)
+    # the most recent query item weighs most: (3, 5) -> session 3 (has both) beats session 1
+    ids, sc = knn.scores(np.array([3, 5]), user_id=99)
+    got = dict(zip(ids.tolist(), sc.tolist()))
+    assert got[6] > got.get(7, 0.0) > 0
+
+
+def test_session_knn_skips_own_sessions_and_splits_by_gap() -> None:
+    knn = SessionKNN(session_gap_ms=10 * MIN)
+    knn.update(np.array([1, 1, 1]), np.array([1, 2, 3]), np.array([0, 1000, 60 * MIN]))  # 3 starts a new session
+    ids, _ = knn.scores(np.array([1]), user_id=2)
+    assert set(ids.tolist()) == {1, 2}
+    assert len(knn.scores(np.array([1]), user_id=1)[0]) == 0  # a user's own sessions are not its neighbours
+    clone = SessionKNN(session_gap_ms=10 * MIN)
+    clone.load_state_dict(knn.state_dict())
+    assert [a.tolist() for a in clone.scores(np.array([1]), user_id=2)] == [a.tolist() for a in knn.scores(np.array([1]), user_id=2)]
+
+
+def test_session_knn_forgets_the_oldest_sessions() -> None:
+    knn = SessionKNN(session_gap_ms=1, max_sessions=2)
+    knn.update(np.array([1, 1, 2, 2, 3, 3]), np.array([1, 9, 1, 8, 1, 7]), np.array([0, 0, 10, 10, 20, 20]))
+    ids, _ = knn.scores(np.array([1]), user_id=99)
+    assert set(ids.tolist()) == {1, 8, 7}
+    assert len(knn) == 2
+
+
 def test_decayed_counts_prefer_recent_engagement() -> None:
     day = 86_400_000
     c = DecayedCounts(day)
@@ -123,6 +161,8 @@ def test_merged_list_is_the_union_of_the_channels(trained: CloudRecommender) -> 
     after = rec.i2i.scores(sess.item_ids, 0)
     before = rec.i2i.scores(sess.item_ids, 1)
     i2i = set(after[0][np.lexsort((after[0], -after[1]))][: cfg.i2i_k].tolist()) | set(before[0][np.lexsort((before[0], -before[1]))][: cfg.i2i_k].tolist())
+    knn = rec.sknn.scores(sess.item_ids, req.user_id)
+    i2i |= set(knn[0][np.lexsort((knn[0], -knn[1]))][: cfg.sknn_k].tolist())
     trend = rec.raw_ids(top_indices(rec.pops[0].log_relative(rec.n_rows) + 1e-3 * rec.pops[2].log_relative(rec.n_rows), min(cfg.trending_k, rec.n_rows)))
     expected = set(tt.tolist()) | i2i | set(trend.tolist()) | {30, 100}
     assert set(ids.tolist()) == expected
