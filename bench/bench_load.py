@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--max-lag", type=int, default=200_000, help="producer pauses beyond this many unapplied events")
     ap.add_argument("--rate", type=float, default=0.0, help="target events/s (0: as fast as the lag bound allows)")
     ap.add_argument("--poll-records", type=int, default=50, help="records per cloud poll (bounded in-flight)")
+    ap.add_argument("--engine", default="popular", help="popular (counts: the transport and worker ceiling) | recommender (the production model)")
     ap.add_argument("--no-checkpoint", action="store_true", help="skip the 10 s model+offsets checkpoints")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -101,7 +102,7 @@ def main() -> int:
 
     from streams.kafka_transport import KafkaTransport
     from tandem.services.cloud_service import CloudWorker
-    from tandem.services.engines import PopularityEngine
+    from tandem.services.engines import make_engine
     from tandem.services.metrics import Registry
     from tandem.services.runtime import LocalBroker
     from tandem.services.settings import CloudSettings
@@ -117,7 +118,8 @@ def main() -> int:
         admin.close()
         settings = CloudSettings(
             transport=f"kafka://{broker.bootstrap}",
-            engine="popular",
+            engine=args.engine,
+            dev_mode=True,  # a bench on loopback: the published development key signs nothing here
             partitions=args.partitions,
             checkpoint_dir="" if args.no_checkpoint else str(work / "ckpt"),
             checkpoint_every_s=10.0,
@@ -126,7 +128,7 @@ def main() -> int:
             poll_records=args.poll_records,
             eval_sample=4,
         )
-        worker = CloudWorker(settings, KafkaTransport(broker.bootstrap, client_id="bench-cloud"), PopularityEngine(settings), Registry("cloud")).open()
+        worker = CloudWorker(settings, KafkaTransport(broker.bootstrap, client_id="bench-cloud"), make_engine(args.engine, settings), Registry("cloud")).open()
         proc = ctx.Process(
             target=produce_loop,
             args=(broker.bootstrap, args.batch, args.partitions, args.max_lag, produced, consumed, stop, args.rate),
@@ -137,7 +139,7 @@ def main() -> int:
         def user_events() -> int:
             return worker.state.events_applied
 
-        print(f"broker {broker.bootstrap}; {args.partitions} partitions; {args.batch} events/record; "
+        print(f"engine {args.engine}; broker {broker.bootstrap}; {args.partitions} partitions; {args.batch} events/record; "
               f"checkpoints {'off' if args.no_checkpoint else 'every 10 s'}; {args.seconds:.0f} s")
         print(f"{'t_s':>6} {'produced/s':>11} {'applied/s':>10} {'lag_events':>11} {'lag_records':>12} "
               f"{'cloud_MiB':>10} {'producer_MiB':>13} {'applied_total':>14}")

@@ -192,6 +192,20 @@ def test_idset_is_bounded_by_a_watermark() -> None:
     assert back.seen_events.floor == 8 and back.seen_events.contains(np.array([2], dtype=np.uint64)).all()
 
 
+def test_idset_matches_a_python_set_when_partitions_interleave() -> None:
+    """Batches from several partitions arrive out of id order (and repeat): the merged set
+    must hold exactly the ids added, sorted, whatever the order of the merges."""
+    rng = np.random.default_rng(7)
+    s, ref = IdSet(merge_every=64, capacity=10**6), set()
+    for _ in range(300):
+        ids = rng.integers(0, 5_000, rng.integers(1, 40)).astype(np.uint64)
+        probe = rng.integers(0, 5_000, 50).astype(np.uint64)
+        assert s.contains(probe).tolist() == [int(x) in ref for x in probe]
+        s.add(ids)
+        ref.update(int(x) for x in ids)
+    assert s.to_array().tolist() == sorted(ref)
+
+
 def test_metrics_endpoints() -> None:
     reg = Registry("unit")
     reg.inc("events_applied", 3, help="events")
