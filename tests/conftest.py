@@ -17,8 +17,9 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("explore", derandomize=False, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-#: Real logs beside the checkout (absent in a user's fresh clone).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: Real logs: $TANDEM_DATA when set (where `tandem data fetch` put them), else beside the
+#: checkout (absent in a user's fresh clone). The loaders look in the same place.
+SHARED_DATA = Path(os.environ["TANDEM_DATA"]).expanduser() if os.environ.get("TANDEM_DATA") else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

@@ -141,3 +141,17 @@ def test_parallel_workers_give_the_same_results() -> None:
         assert np.array_equal(r.points.rank, rb.points.rank) and r.bytes_up == rb.bytes_up
         assert r.metrics["NDCG@10"] == rb.metrics["NDCG@10"] and r.vs_reference.keys() == rb.vs_reference.keys()
     assert b.config["workers"] == 2
+
+
+def test_progress_covers_every_worker() -> None:
+    """With two workers the one progress callback counts both: it ends at events x 2, never going back."""
+    from tandem.evaluation.protocol import replayed_events
+
+    world = generate(SyntheticConfig(events=800, users=20, items=30, days=1.0, seed=5))
+    cfg = EvalConfig(refresh_every=300, batch_size=100, n_boot=10)
+    calls: list[tuple[int, int]] = []
+    run_prequential(world, make_strategies("cloud-only,device-rerank"), cfg, progress=lambda i, n: calls.append((i, n)), workers=2)
+    total = 2 * replayed_events(world, cfg)
+    assert calls and all(n == total for _, n in calls)
+    done = [i for i, _ in calls]
+    assert done == sorted(done) and done[-1] == total

@@ -44,30 +44,45 @@ def find_browser() -> str | None:
     return None
 
 
-def screenshot(url: str, out: Path, width: int = 1400, height: int = 900, timeout_s: float = 60.0) -> Path:
-    """Save a PNG of ``url`` rendered by headless Chromium (waits for the page's first polls)."""
+def _headless(browser: str, profile: str, width: int, height: int) -> list[str]:
+    """The headless Chromium command line both page captures share (no GPU, no sandbox, own profile)."""
+    return [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+        "--virtual-time-budget=4000",
+    ]
+
+
+def _browser() -> str:
     browser = find_browser()
     if browser is None:
         raise RuntimeError("no chromium found; run infra/setup-browser.sh")
+    return browser
+
+
+def screenshot(url: str, out: Path, width: int = 1400, height: int = 900, timeout_s: float = 60.0) -> Path:
+    """Save a PNG of ``url`` rendered by headless Chromium (waits for the page's first polls)."""
+    browser = _browser()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tandem-chromium-") as profile:
-        cmd = [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
-            f"--window-size={width},{height}",
-            "--virtual-time-budget=4000",
-            f"--screenshot={out}",
-            url,
-        ]
+        cmd = _headless(browser, profile, width, height) + [f"--screenshot={out}", url]
         subprocess.run(cmd, check=True, timeout=timeout_s, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not out.is_file():
         raise RuntimeError(f"chromium wrote no screenshot to {out}")
     return out
+
+
+def dump_dom(url: str, width: int = 1400, height: int = 900, timeout_s: float = 60.0) -> str:
+    """The DOM of ``url`` after headless Chromium loaded it and ran its scripts (for render checks)."""
+    with tempfile.TemporaryDirectory(prefix="tandem-chromium-") as profile:
+        cmd = _headless(_browser(), profile, width, height) + ["--dump-dom", url]
+        return subprocess.run(cmd, check=True, timeout=timeout_s, capture_output=True, text=True).stdout
 
 
 class Demo:

@@ -223,6 +223,9 @@ def evaluate(
         "auto", "--domain", help="repeat (items are consumed again), feed (consumed items are never shown again) or auto."
     ),
     refetch_every: int = typer.Option(1, "--refetch-every", help="A device fetches again after this many engagements (0: only at session start and by time)."),
+    save_model: Optional[Path] = typer.Option(
+        None, "--save-model", help="Also save the trained cloud and each strategy's shared reranker in this folder (see docs/evaluation.md)."
+    ),
     plugin: list[str] = typer.Option([], "--plugin", help="Python module to import first; its register()ed strategies become selectable (repeatable)."),
 ) -> None:
     """Replay a log through every strategy (test-then-train), print the verdict and the table, write the report.
@@ -265,6 +268,8 @@ def evaluate(
     if path is not None:  # the old --path override of a named source's folder
         opts["path"] = path
     check_writable_dir(out)
+    if save_model is not None:
+        check_writable_dir(save_model, "--save-model")
 
     from rich.console import Console
 
@@ -289,7 +294,7 @@ def evaluate(
             refetch_every=refetch_every,
             seed=seed,
         )
-        result = _replay(log, strats, config, workers, err, source)
+        result = _replay(log, strats, config, workers, err, source, save_model)
         if thresholds and swept:
             result.frontier = frontier(result, swept)
         result.wall_s = time.perf_counter() - t0
@@ -304,33 +309,37 @@ def evaluate(
     Console().print(
         f"report: {paths['html']}  ({paths['markdown'].name}, results.json, {log_path.name}, plots) - total {result.wall_s:.0f}s", highlight=False, soft_wrap=True
     )
+    if save_model is not None:
+        Console().print(f"models: {save_model} (manifest.json; tandem.evaluation.saved.load_saved reads it)", highlight=False, soft_wrap=True)
 
 
-def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any, source: str) -> Any:
-    """Run the replay under one progress bar.
+def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any, source: str, save_to: Path | None = None) -> Any:
+    """Run the replay under one progress bar that covers every worker.
 
-    With several workers, only the first reports progress (tandem/evaluation/prequential.py);
-    every worker replays the same events for its share of the strategies, so the bar is labelled
-    as that worker's pass, which ends when the slowest share is near its end too.
+    Each worker replays the same events for its share of the strategies; the bar counts
+    events done summed over workers (events x workers in all), so it reaches 100% when the
+    slowest worker ends.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from tandem.evaluation.prequential import run_prequential
+    from tandem.evaluation.protocol import replayed_events
 
-    n = len(log) if config.max_events is None else min(len(log), config.max_events)
-    parallel = workers > 1 and len(strats) > 1
-    label = f"replay {source}" + (f" (worker 1 of {min(workers, len(strats))}, the others run alongside)" if parallel else "")
+    n_workers = min(workers, len(strats)) if workers > 1 and len(strats) > 1 else 1
+    n = replayed_events(log, config)
+    label = f"replay {source}" + (f" ({n_workers} workers)" if n_workers > 1 else "")
+    unit = "events" if n_workers == 1 else f"events x{n_workers}"
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("events"), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
         TimeRemainingColumn(), console=console, transient=False,
     ) as bar:
-        task = bar.add_task(label, total=n)
+        task = bar.add_task(label, total=n * n_workers)
 
         def progress(i: int, total: int) -> None:
             bar.update(task, completed=i, total=total)
 
-        result = run_prequential(log, strats, config, progress=progress, workers=workers)
-        bar.update(task, completed=bar.tasks[0].total, description=f"replay {source}: done, {len(strats)} strategies")
+        result = run_prequential(log, strats, config, progress=progress, workers=workers, save_to=save_to)
+        bar.update(task, description=f"replay {source}: done")
     return result
 
 

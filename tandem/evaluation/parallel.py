@@ -1,16 +1,22 @@
 """Replay a strategy set in several processes: strategies split by cost, each process
-trains its own copy of the (deterministic) cloud and replays its group on the same events."""
+trains its own copy of the (deterministic) cloud and replays its group on the same events.
+
+Progress: every worker writes its events done into a shared array, and the parent reports
+their sum (``progress(done, events x workers)``) while it waits, so one bar covers all of them
+and ends at 100% only when the slowest worker does."""
 
 from __future__ import annotations
 
+import pickle
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from streams.datasets.base import EventLog
-from tandem.evaluation.protocol import CloudFactory, EvalConfig
+from tandem.evaluation.protocol import CloudFactory, EvalConfig, replayed_events
 from tandem.evaluation.results import EvaluationResult
 from tandem.strategies.base import Strategy
 
@@ -54,9 +60,11 @@ def run_parallel(
     progress: Callable[[int, int], None] | None,
     reference: str,
     workers: int,
+    save_to: Path | str | None = None,
 ) -> EvaluationResult:
+    """``run_prequential`` over ``workers`` forked processes (its arguments); with ``save_to``
+    each worker saves its own strategies there, and the first one the cloud."""
     import multiprocessing as mp
-    import pickle
 
     from tandem.evaluation.prequential import _compare, _run  # the driver imports this module
 
@@ -64,10 +72,17 @@ def run_parallel(
     groups = split_by_cost(strategies, workers)
     ctx = mp.get_context("fork")  # strategies hold lambdas (policy factories): inherit, do not pickle
 
-    def work(idx: list[int], first: bool, conn: Any) -> None:
+    done = ctx.Array("q", len(groups), lock=False)  # events replayed per worker (each writes its own slot)
+
+    def work(g: int, idx: list[int], conn: Any) -> None:
+        def report(i: int, _total: int) -> None:
+            done[g] = i
+
         try:
             torch.set_num_threads(1)
-            res = _run(log, [strategies[i] for i in idx], config, cloud_factory, progress if first else None, reference, baselines=first)
+            res = _run(
+                log, [strategies[i] for i in idx], config, cloud_factory, report, reference, baselines=g == 0, save_to=save_to, save_cloud=g == 0
+            )
             conn.send_bytes(pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL))
         except BaseException as exc:  # report, do not hang the parent
             conn.send_bytes(pickle.dumps(exc))
@@ -77,14 +92,14 @@ def run_parallel(
     procs, pipes = [], []
     for g, idx in enumerate(groups):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=work, args=(idx, g == 0, send), daemon=True)
+        p = ctx.Process(target=work, args=(g, idx, send), daemon=True)
         p.start()
         send.close()
         procs.append(p)
         pipes.append(recv)
+    objs = _gather(pipes, done, replayed_events(log, config) * len(groups), progress)
     parts: list[EvaluationResult] = []
-    for p, recv in zip(procs, pipes):
-        obj = pickle.loads(recv.recv_bytes())
+    for p, obj in zip(procs, objs):
         p.join()
         if isinstance(obj, BaseException):
             raise RuntimeError("a replay worker failed") from obj
@@ -105,3 +120,25 @@ def run_parallel(
     return head
 
 
+def _gather(pipes: list[Any], done: Any, total: int, progress: Callable[[int, int], None] | None, poll_s: float = 0.2) -> list[Any]:
+    """Each worker's unpickled answer (in worker order), reporting the summed progress meanwhile.
+
+    Why poll: the parent is otherwise idle while the workers replay; it is the one place that
+    sees every worker, so it drives the one progress bar.
+    """
+    objs: list[Any] = [None] * len(pipes)
+    waiting = set(range(len(pipes)))
+    last = -1
+    while waiting:
+        for g in sorted(waiting):
+            if pipes[g].poll(poll_s / len(pipes)):
+                try:
+                    objs[g] = pickle.loads(pipes[g].recv_bytes())
+                except EOFError:  # the worker died without answering (killed, out of memory)
+                    objs[g] = RuntimeError(f"replay worker {g + 1} exited without a result")
+                waiting.discard(g)
+        now = int(sum(done))
+        if progress is not None and now != last:
+            progress(now, total)
+            last = now
+    return objs

@@ -42,6 +42,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -54,7 +55,7 @@ from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, Updat
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
 from streams.datasets.base import EventLog
-from streams.schema import AVAILABILITY_KINDS, POSITIVE_KINDS
+from streams.schema import POSITIVE_KINDS
 from tandem.evaluation.baselines import DESCRIPTIONS as _BASELINE_DESC
 from tandem.evaluation.baselines import Baselines
 from tandem.evaluation.clouds import recommender_for
@@ -70,8 +71,10 @@ from tandem.evaluation.protocol import (
     relevant_sets,
     resolve_domain,
     sync_flags,
+    user_events,
     window_requests,
 )
+from tandem.evaluation import saved
 from tandem.evaluation.results import EvaluationResult, Points, StrategyResult
 from tandem.strategies.base import Strategy
 from tandem.strategies.fleet import StrategyFleet
@@ -80,7 +83,6 @@ from tandem.strategies.server import StrategyCloud, serve_candidates, verifier_f
 logger = logging.getLogger(__name__)
 
 _POS = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
-_AVAIL = np.array(sorted(int(k) for k in AVAILABILITY_KINDS), dtype=np.uint8)
 
 
 # -- per-strategy run state -------------------------------------------------------------
@@ -111,6 +113,7 @@ def run_prequential(
     progress: Callable[[int, int], None] | None = None,
     reference: str = "cloud-only",
     workers: int = 1,
+    save_to: Path | str | None = None,
 ) -> EvaluationResult:
     """Replay ``log`` through every strategy on the same events; returns the summaries.
 
@@ -119,27 +122,33 @@ def run_prequential(
         strategies: strategy instances (labels must be unique).
         config: protocol knobs.
         cloud_factory: builds the shared cloud (default: ``clouds.recommender_for``).
-        progress: called as ``progress(events_done, events_total)`` after each mini-batch.
+        progress: called as ``progress(events_done, events_total)`` after each mini-batch; with
+            several workers, summed over them (total = events x workers, reached when all end).
         reference: label the relative differences are computed against.
         workers: replay processes (forked; POSIX only). Strategies are split into groups
             of similar cost; each process trains its own copy of the (deterministic) cloud
             and replays its group on the same events, and the results are merged. Device
             simulation is >90% of the time and independent between strategies, so this
             divides wall time by up to ``workers`` when cores are free.
+        save_to: a folder to save the trained cloud and each strategy's shared reranker in
+            at the end (``saved.py``: layout, and ``load_saved`` to read it back).
     """
     config = config or EvalConfig()
     labels = [s.label for s in strategies]
     if len(set(labels)) != len(labels):
         raise ValueError(f"strategy labels must be unique: {labels}")
     if workers > 1 and len(strategies) > 1:
-        return run_parallel(log, strategies, config, cloud_factory, progress, reference, workers)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny per-user forwards: thread fan-out costs 5x more than it saves
-    try:
-        result = _run(log, strategies, config, cloud_factory, progress, reference)
-    finally:
-        torch.set_num_threads(threads)
-    _compare(result.results, reference, config)
+        result = run_parallel(log, strategies, config, cloud_factory, progress, reference, workers, save_to)
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny per-user forwards: thread fan-out costs 5x more than it saves
+        try:
+            result = _run(log, strategies, config, cloud_factory, progress, reference, save_to=save_to)
+        finally:
+            torch.set_num_threads(threads)
+        _compare(result.results, reference, config)
+    if save_to is not None:
+        saved.write_manifest(save_to, result.source, result.n_events, config.seed, [(s.label, s.name) for s in strategies])
     return result
 
 
@@ -151,16 +160,16 @@ def _run(
     progress: Callable[[int, int], None] | None,
     reference: str,
     baselines: bool = True,
+    save_to: Path | str | None = None,
+    save_cloud: bool = True,
 ) -> EvaluationResult:
-    """One replay of ``strategies``; ``vs_reference`` is left empty (the caller compares once, on all results)."""
+    """One replay of ``strategies``; ``vs_reference`` is left empty (the caller compares once, on all results).
+
+    ``save_to``: save this replay's strategies (and the cloud, with ``save_cloud``) there at the end.
+    """
     t_start = time.perf_counter()
     timings: dict[str, float] = {"cloud_train_s": 0.0, "retrieval_s": 0.0, "devices_s": 0.0, "rounds_s": 0.0, "baselines_s": 0.0}
-    ev = log.events
-    if config.max_events is not None:
-        ev = ev.iloc[: config.max_events]
-    user_rows = ~np.isin(ev.kind.to_numpy(), _AVAIL)
-    ev = ev[user_rows].reset_index(drop=True)
-    whole = EventBatch.from_frame(ev)
+    whole = EventBatch.from_frame(user_events(log, config))
     n = len(whole)
     users, ts, items, kinds, vals = whole.user_id, whole.ts_ms, whole.item_id, whole.kind, whole.value
     is_pos_raw = np.isin(kinds, _POS)
@@ -317,6 +326,11 @@ def _run(
         if progress is not None:
             progress(w1, n)
 
+    if save_to is not None:
+        if save_cloud:
+            saved.save_cloud(save_to, cloud)
+        for r in runs:
+            saved.save_strategy(save_to, r.label, r.cloud)
     wall = time.perf_counter() - t_start
     timings["other_s"] = max(0.0, wall - sum(timings.values()))
     timings["replay_total_s"] = wall

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
 from cloud_recsys.recommender import CloudRecommender, Request, Session
 from streams.datasets.base import EventLog
+from streams.schema import AVAILABILITY_KINDS
 from tandem.evaluation.metrics import KS
 from tandem.strategies.schedule import ScheduleConfig, SyncSchedule
 
@@ -79,6 +81,22 @@ class EvalConfig:
 CloudModel = CloudRecommender
 #: Builds the cloud for a log: (log, config, exclude_consumed, allowed_at) -> CloudRecommender.
 CloudFactory = Callable[[EventLog, "EvalConfig", bool, Callable[[int], "np.ndarray | None"] | None], CloudRecommender]
+
+
+# -- the replayed events ------------------------------------------------------------
+def user_events(log: EventLog, config: EvalConfig) -> pd.DataFrame:
+    """The events the loop replays: the first ``max_events`` rows, less stream-availability rows
+    (those only say what is live; ``LiveIndex`` reads them from ``log.availability``)."""
+    ev = log.events
+    if config.max_events is not None:
+        ev = ev.iloc[: config.max_events]
+    avail = np.array(sorted(int(k) for k in AVAILABILITY_KINDS), dtype=np.uint8)
+    return ev[~np.isin(ev.kind.to_numpy(), avail)].reset_index(drop=True)
+
+
+def replayed_events(log: EventLog, config: EvalConfig) -> int:
+    """How many events one replay steps through (the progress bar's total per worker)."""
+    return len(user_events(log, config))
 
 
 # -- availability ---------------------------------------------------------------
