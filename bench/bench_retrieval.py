@@ -2,9 +2,11 @@
 
 Why: ``CloudRecommender`` (what the evaluation and ``tandem serve cloud`` both run) takes its
 two-tower candidates from a FAISS ``ItemIndex`` rebuilt at each refresh. This trains it on
-the synthetic log (no data needed), then pads the snapshot with ``--extra-items`` random unit
-vectors (a catalogue at production size), and serves the same requests through each index
-kind, side by side with the exact search the channel did before (a matmul over every item):
+the synthetic log (no data needed), then pads the snapshot with ``--extra-items`` unit vectors
+(a catalogue at production size: clustered like a trained item tower's, 200 clusters around
+the trained items' directions; ``--uniform``: uniform on the sphere, IVF's worst case), and
+serves the same requests through each index kind, side by side with the exact search the
+channel did before (a matmul over every item):
 
 * refresh: building the index off the hot path (the swap itself is a pointer change);
 * channel: the two-tower top-``two_tower_k`` for a batch of requests, p50 / p99;
@@ -39,7 +41,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=30_000, help="synthetic events the cloud trains on")
-    ap.add_argument("--extra-items", type=int, default=100_000, help="random unit item vectors added to the snapshot")
+    ap.add_argument("--extra-items", type=int, default=100_000, help="unit item vectors added to the snapshot")
+    ap.add_argument("--uniform", action="store_true", help="extra items uniform on the sphere (no cluster structure)")
     ap.add_argument("--k", type=int, default=100, help="served list length")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64, help="requests per recommend() call")
@@ -61,7 +64,12 @@ def main() -> None:
     if a.extra_items:  # a production-size catalogue: fresh raw ids past the log's
         rng = np.random.default_rng(0)
         extra = rng.standard_normal((a.extra_items, rec.dim)).astype(np.float32)
-        extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+        if not a.uniform:
+            trained_vecs = rec.vectors[rec.has_vector]
+            centers = trained_vecs[rng.integers(0, len(trained_vecs), 200)] + 0.3 * rng.standard_normal((200, rec.dim))
+            centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+            extra = centers[rng.integers(0, 200, a.extra_items)] + (0.5 / np.sqrt(rec.dim)) * extra
+        extra = (extra / np.linalg.norm(extra, axis=1, keepdims=True)).astype(np.float32)
         rec._rows(int(ev.item_id.max()) + 1 + np.arange(a.extra_items), add=True)
         rec.vectors = np.concatenate([rec.vectors, extra])
         rec.has_vector = np.concatenate([rec.has_vector, np.ones(a.extra_items, bool)])
@@ -113,7 +121,7 @@ def main() -> None:
         rows_out.append((f"{name}: {rec.index.kind}", build_s, pct(chan), pct(full), recall, served_recall))
 
     print(f"synthetic log: {len(log_):,} events, {log_.n_users:,} users; cloud trained in {train_s:.1f} s; {n_items:,} items indexed "
-          f"({trained:,} trained + {a.extra_items:,} random), dim {rec.dim}, two_tower_k={kt}, k={a.k}, batches of {a.batch}, threads={a.threads}")  # fmt: skip
+          f"({trained:,} trained + {a.extra_items:,} {'uniform' if a.uniform else 'clustered'}), dim {rec.dim}, two_tower_k={kt}, k={a.k}, batches of {a.batch}, threads={a.threads}")  # fmt: skip
     print(f"| two-tower index | build | channel, {a.batch} requests: p50 / p99 | recommend(), {a.batch} requests: p50 / p99 | channel recall@{kt} vs exact | served recall@{a.k} vs flat |")
     print("|---|---|---|---|---|---|")
     p50, p99 = pct(before)
