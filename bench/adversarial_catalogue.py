@@ -413,29 +413,24 @@ def log_zero_crc_mid_file() -> str:
 
 
 # -- the candidate API ------------------------------------------------------------------------
-class _FakeService:
-    model_version = 0
-    index: list = []
-
-    def candidates(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise AssertionError("bad input reached the service")
-
-    candidates_batch = candidates
-
-    def metrics(self) -> dict:
-        return {}
+_CLIENT: list = []
 
 
 def _client():  # type: ignore[no-untyped-def]
-    import warnings
+    """The candidate HTTP API the services run (the recommender engine's app, tiny, untrained)."""
+    if not _CLIENT:
+        import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fastapi.testclient import TestClient
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fastapi.testclient import TestClient
 
-    from cloud_recsys.http import create_app
+        from tandem.services.recommender_engine import RecommenderEngine
+        from tandem.services.settings import CloudSettings
 
-    return TestClient(create_app(_FakeService()))  # type: ignore[arg-type]
+        s = CloudSettings(num_users=64, num_items=64, embedding_dim=8, k=5, device_key="x" * 32)
+        _CLIENT.append(TestClient(RecommenderEngine(s, item_categories={}).http_app(), raise_server_exceptions=False))
+    return _CLIENT[0]
 
 
 def _status(resp, want: int) -> str:  # type: ignore[no-untyped-def]
@@ -461,14 +456,21 @@ def http_body_10mb() -> str:
     return _status(_client().post("/candidates:batch", content=body, headers={"content-type": "application/json"}), 413)
 
 
-def http_service_user_2_63() -> str:
-    from cloud_recsys.service import CandidateService
+def http_session_item_2_63() -> str:
+    return _status(_client().post("/candidates:batch", json={"requests": [{"user_id": 1, "session": {"item_ids": [2**63]}}]}), 400)
 
-    try:
-        CandidateService._check_user(2**63)
-    except ValueError as exc:
-        return f"ValueError: {exc}"
-    raise Dirty("accepted")
+
+def http_session_ts_2_63() -> str:
+    body = {"requests": [{"user_id": 1, "session": {"item_ids": [1], "ts_ms": [2**63]}}]}
+    return _status(_client().post("/candidates:batch", json=body), 400)
+
+
+def http_exclude_item_2_63() -> str:
+    return _status(_client().post("/candidates:batch", json={"requests": [{"user_id": 1, "exclude": [2**63]}]}), 400)
+
+
+def http_get_items_2_63() -> str:
+    return _status(_client().get("/candidates", params={"user_id": 1, "items": str(2**63)}), 400)
 
 
 # -- aggregation -------------------------------------------------------------------------------
@@ -504,7 +506,8 @@ CASES: dict[str, Case] = {f.__name__: f for f in [
     event_ts_1e17_seconds, event_ts_int64_max, event_ts_negative, event_id_1e20, event_user_2_63, event_rating_inf,
     event_rating_1e30, event_rating_11, event_json_ts_huge, ts_unit_ambiguous,
     cross_source_same_local_ids, id_collision_other_content, log_flipped_length_byte, log_zero_crc_mid_file,
-    http_user_id_2_63, http_batch_user_id_2_63, http_k_negative, http_body_10mb, http_service_user_2_63,
+    http_user_id_2_63, http_batch_user_id_2_63, http_k_negative, http_body_10mb, http_session_item_2_63,
+    http_session_ts_2_63, http_exclude_item_2_63, http_get_items_2_63,
     aggregate_non_finite_refused, aggregate_unknown_rule,
 ]}  # fmt: skip
 

@@ -405,6 +405,16 @@ class ItemIndex:
             np.savez(buf, index=blob, ids=ids, vecs=vecs, kind=np.array(self._kind))
         return buf.getvalue()
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickle as ``to_bytes`` (FAISS indexes and locks do not pickle): checkpoints of the
+        cloud and of a strategy's server side hold an index."""
+        return {"blob": self.to_bytes(), "config": self.config, "generation": self.generation}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        other = ItemIndex.from_bytes(state["blob"], state["config"])  # type: ignore[arg-type]
+        self.__dict__.update(other.__dict__)
+        self.generation = int(state["generation"])  # type: ignore[call-overload]
+
     @classmethod
     def from_bytes(cls, data: bytes, config: IndexConfig | None = None) -> "ItemIndex":
         """Inverse of ``to_bytes``."""

@@ -4,7 +4,9 @@ One model, used by the evaluation and the services alike. Channels:
 
 * two-tower ANN (``OnlineTrainer``, TorchRec): the query is computed from the request's
   session (the device's recent items travel with the fetch), so a user the cloud has never
-  seen gets session-based candidates instead of the popularity list;
+  seen gets session-based candidates instead of the popularity list; the items are searched
+  in a FAISS ``ItemIndex`` (flat for small catalogues, IVF above ``IndexConfig.auto_ivf_min``)
+  rebuilt and swapped at each ``refresh``;
 * item-to-item co-occurrence after (and before) the session's recent items (``ItemToItem``);
 * session neighbours: items of past sessions of other users like this one (``SessionKNN``,
   V-SkNN);
@@ -28,6 +30,7 @@ import numpy as np
 from cloud_recsys.config import TwoTowerConfig
 from cloud_recsys.cooccurrence import ItemToItem
 from cloud_recsys.fusion import FEATURES, N_FEATURES, FusionConfig, FusionRanker
+from cloud_recsys.index import IndexConfig, ItemIndex
 from cloud_recsys.popularity import decay_weights
 from cloud_recsys.session_knn import SessionKNN
 from streams.candidates import top_indices
@@ -158,6 +161,8 @@ class CloudRecommender:
             repeats); the cloud remembers what it ingested per user.
         item_categories: raw item -> category (two-tower side feature).
         allowed_at: items that may be shown at a time (livestream availability), or None.
+        index_config: the two-tower channel's FAISS index (default ``TWO_TOWER_INDEX``: exact
+            ``flat`` below 50,000 items, IVF above).
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class CloudRecommender:
         exclude_consumed: bool = False,
         item_categories: dict[int, int] | None = None,
         allowed_at: Callable[[int], np.ndarray | None] | None = None,
+        index_config: IndexConfig | None = None,
     ) -> None:
         self.config = cfg = config or RecommenderConfig()
         self.exclude_consumed = exclude_consumed
@@ -179,6 +185,8 @@ class CloudRecommender:
         self.raw: list[int] = []
         self.vectors = np.zeros((0, self.dim), np.float32)
         self.has_vector = np.zeros(0, bool)
+        self.index_config = index_config or TWO_TOWER_INDEX
+        self.index = ItemIndex(self.dim, self.index_config)  # ids: recommender rows with a vector
         self.sessions: dict[int, deque[tuple[int, int]]] = {}
         self.consumed: dict[int, set[int]] = {}
         self.rng = np.random.default_rng(cfg.seed)
@@ -267,16 +275,28 @@ class CloudRecommender:
 
     # -- snapshot ---------------------------------------------------------------------
     def refresh(self) -> int:
-        """Re-export the two-tower's item vectors into the served snapshot; returns the new version."""
+        """Re-export the two-tower's item vectors into the served snapshot and its FAISS index
+        (built aside, then swapped in); returns the new version."""
         ids, vecs = self.trainer.item_vectors()
         rows = self._rows(np.asarray(ids, np.int64), add=True)
         self.vectors = np.zeros((self.n_rows, self.dim), np.float32)
         self.has_vector = np.zeros(self.n_rows, bool)
         self.vectors[rows] = vecs
         self.has_vector[rows] = True
+        self.index.swap(self.index_for(self.vectors, self.has_vector))
         self.version += 1
         self.trainer.version = self.version
         return self.version
+
+    def index_for(self, vectors: np.ndarray, has: np.ndarray | None = None) -> ItemIndex:
+        """A FAISS index over item vectors by row (a snapshot, or a strategy's overlay), with
+        this cloud's ``IndexConfig``; ids are the rows with a vector (``has``; default: the
+        rows with a non-zero vector)."""
+        vectors = np.asarray(vectors, np.float32)
+        rows = np.flatnonzero(np.linalg.norm(vectors, axis=1) > 0 if has is None else has)
+        index = ItemIndex(self.dim, self.index_config)
+        index.build(rows, vectors[rows])
+        return index
 
     def item_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(raw ids, vectors) of the snapshot, in recommender row order."""
@@ -289,6 +309,7 @@ class CloudRecommender:
         k: int,
         vectors: np.ndarray | None = None,
         interest: dict[int, np.ndarray] | None = None,
+        index: ItemIndex | None = None,
     ) -> list[Ranked]:
         """Ranked lists for a batch of fetches.
 
@@ -299,10 +320,13 @@ class CloudRecommender:
                 overlay: device item deltas applied on top).
             interest: request index -> uploaded interest vector (a further recall channel
                 and feature; feature-based collaboration).
+            index: the FAISS index over ``vectors`` (``index_for(vectors)``, kept by the
+                strategy between refreshes); None: the snapshot's, or one built for
+                ``vectors`` on this call.
         """
         vec = self.vectors if vectors is None else vectors
         out: list[Ranked] = []
-        for req, (feats, ids, rows, personalized) in zip(requests, self._candidates(requests, vec, interest)):
+        for req, (feats, ids, rows, personalized) in zip(requests, self._candidates(requests, vec, interest, index)):
             if len(ids) == 0:
                 out.append(Ranked(ids, np.zeros(0, np.float32), rows, personalized))
                 continue
@@ -312,7 +336,7 @@ class CloudRecommender:
         return out
 
     def _candidates(
-        self, requests: Sequence[Request], vec: np.ndarray, interest: dict[int, np.ndarray] | None
+        self, requests: Sequence[Request], vec: np.ndarray, interest: dict[int, np.ndarray] | None, index: ItemIndex | None = None
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
         """Per request: (features (m, F), raw ids (m,), rows (m,), personalized) of the merged channels."""
         cfg = self.config
@@ -321,8 +345,10 @@ class CloudRecommender:
         pops = [p.log_relative(n_rows) if len(p.values) >= n_rows else np.zeros(n_rows, np.float32) for p in self.pops]
         has_vec = self.has_vector[:n_rows] if vec is self.vectors else np.linalg.norm(vec[:n_rows], axis=1) > 0
         raw = np.asarray(self.raw[:n_rows], np.int64)
-        tt_all = vec[:n_rows] @ qs.T if n_rows and qs is not None else np.zeros((n_rows, len(requests)), np.float32)
         mask_cache: dict[int, np.ndarray] = {}
+        if index is None:
+            index = self.index if vec is self.vectors else self.index_for(vec)
+        tt_hits = self._two_tower_search(requests, qs, index, n_rows, mask_cache)
         trend_cache: dict[int, np.ndarray] = {}
         res: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
         for j, req in enumerate(requests):
@@ -342,11 +368,9 @@ class CloudRecommender:
             sess_rows = self._rows(req.session.item_ids)
             q_ok = bool(np.any(qs[j])) if qs is not None else False
             parts: list[np.ndarray] = []
-            tt = tt_all[:, j] if n_rows else np.zeros(0, np.float32)
             if q_ok:
-                s = np.where(ok & has_vec, tt, -np.inf)
-                kk = min(cfg.two_tower_k, int(np.isfinite(s).sum()))
-                parts.append(top_indices(s, kk))
+                hits = tt_hits[j]
+                parts.append(_exact_top(hits[ok[hits]], vec, qs[j], cfg.two_tower_k))
             iv = interest.get(j) if interest else None
             iv_scores = None
             if iv is not None and n_rows:
@@ -381,7 +405,7 @@ class CloudRecommender:
             f = np.zeros((m, N_FEATURES), np.float32)
             if m:
                 if q_ok:
-                    t = np.where(has_vec[cand], tt[cand], 0.0)
+                    t = np.where(has_vec[cand], vec[cand] @ qs[j], 0.0)
                     f[:, _F["two_tower_z"]] = _z(t)
                 if iv_scores is not None:
                     f[:, _F["interest"]] = _z(iv_scores[cand])
@@ -401,6 +425,71 @@ class CloudRecommender:
                     _session_features(f, cand, sess_rows, req.session.ts_ms, req.at_ms)
             res.append((f, raw[cand], cand, q_ok or len(sess_rows) > 0))
         return res
+
+    def _two_tower_search(
+        self, requests: Sequence[Request], qs: np.ndarray | None, index: ItemIndex, n_rows: int, mask_cache: dict[int, np.ndarray]
+    ) -> dict[int, np.ndarray]:
+        """Request index -> rows the two-tower channel may take its top ``two_tower_k`` from.
+
+        One FAISS search per distinct ``allowed`` set (the rows live then), over-fetched by the
+        request's excluded items and ``_TIE_MARGIN``, so ``_exact_top`` over the hits equals an
+        exact search on a flat index. A request excluding more than ``_BATCH_EXCLUDE_MAX``
+        items is searched alone with them blocked. Fills ``mask_cache`` (allowed rows by set).
+        """
+        k = self.config.two_tower_k
+        if qs is None or len(index) == 0 or n_rows == 0:
+            return {j: np.zeros(0, np.int64) for j in range(len(requests))}
+        groups: dict[int, list[int]] = {}
+        for j, req in enumerate(requests):
+            if np.any(qs[j]):
+                groups.setdefault(id(req.allowed) if req.allowed is not None else -1, []).append(j)
+        out: dict[int, np.ndarray] = {}
+
+        def keep(ids: np.ndarray) -> np.ndarray:
+            return ids[(ids >= 0) & (ids < n_rows)]
+
+        for key, js in groups.items():
+            allowed = None
+            if key != -1:
+                m = mask_cache.get(key)
+                if m is None:
+                    ar = self._rows(requests[js[0]].allowed)  # type: ignore[arg-type]
+                    m = np.zeros(n_rows, bool)
+                    m[ar[(ar >= 0) & (ar < n_rows)]] = True
+                    mask_cache[key] = m
+                allowed = np.flatnonzero(m)
+            n_ex = [len(requests[j].exclude or ()) for j in js]
+            batch = [j for j, e in zip(js, n_ex) if e <= _BATCH_EXCLUDE_MAX]
+            if batch:
+                kk = min(len(index), k + _TIE_MARGIN + max(e for e in n_ex if e <= _BATCH_EXCLUDE_MAX))
+                _, ids = index.search(qs[batch], kk, allowed=allowed)
+                out.update((j, keep(ids[b])) for b, j in enumerate(batch))
+            for j, e in zip(js, n_ex):
+                if e > _BATCH_EXCLUDE_MAX:
+                    ex = self._rows(np.fromiter(requests[j].exclude or (), np.int64, e))
+                    _, ids = index.search(qs[j : j + 1], min(len(index), k + _TIE_MARGIN), allowed=allowed, blocked=ex[ex >= 0])
+                    out[j] = keep(ids[0])
+        return out
+
+
+#: The two-tower channel's index: ``auto`` (flat, exact, below 50,000 items; IVF above), with
+#: search breadths for its depth of ~100 (measured on 20,000 clustered items, 16 dims, k=100:
+#: IVF nprobe 16 -> recall 0.79, 64 -> 0.98; HNSW efSearch 128 -> 0.79, 512 -> 0.96).
+TWO_TOWER_INDEX = IndexConfig(nprobe=64, ef_search=512)
+#: Extra two-tower hits fetched beyond ``two_tower_k``: FAISS's float32 scores may order
+#: near-ties differently from the exact rescoring that picks the top k.
+_TIE_MARGIN = 16
+#: Excluded items up to which a request shares its group's batched search (over-fetching).
+_BATCH_EXCLUDE_MAX = 1024
+
+
+def _exact_top(rows: np.ndarray, vec: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best of ``rows`` by ``vec[row] . q`` in float64, ties to the lower row (the
+    pinned rule: the evaluation stays deterministic whatever order FAISS returned)."""
+    if len(rows) == 0 or k <= 0:
+        return np.zeros(0, np.int64)
+    s = vec[rows].astype(np.float64) @ np.asarray(q, np.float64)
+    return rows[np.lexsort((rows, -s))[:k]]
 
 
 def _z(x: np.ndarray) -> np.ndarray:

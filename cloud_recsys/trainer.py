@@ -442,13 +442,13 @@ class OnlineTrainer:
                         out[r] = v / max(float(np.linalg.norm(v)), 1e-12)
         return ids, out
 
-    # -- device-side contributions (see cloud_recsys/refresh.py) ----------------------
+    # -- device-side contributions ------------------------------------------------------
     def set_user_vectors(self, vectors: dict[int, np.ndarray], share: float | None = None) -> int:
         """Store uploaded interest vectors (raw user id -> (out_dim,)); returns how many were kept.
 
         Args:
             share: when given, the new ``interest_share`` (fraction of a candidate list the
-                interest channel may fill, ``cloud_recsys.recall.merge_channels``).
+                interest channel may fill).
         """
         if share is not None:
             if not 0.0 <= share <= 1.0:

@@ -49,7 +49,7 @@ _DWELL = frozenset({int(EventKind.WATCH), int(EventKind.LIVE_LEAVE)})
 
 
 class CandidateSource(Protocol):
-    """Anything that serves candidates (the cloud ``CandidateService`` or a test fake)."""
+    """Anything that serves candidates (the cloud's candidate HTTP API through a client, or a test fake)."""
 
     def candidates(self, user_id: int, k: int = 100, at_ms: int | None = None) -> Candidates: ...
 

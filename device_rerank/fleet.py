@@ -165,7 +165,7 @@ class Fleet:
 
     Args:
         model: shared reranker (all devices reference it; only patches differ).
-        source: candidate source (cloud ``CandidateService`` or a fake).
+        source: candidate source (a client of the cloud's candidate HTTP API, or a fake).
         keyring: derives each device's signing key.
         config: schedule and sizes.
         policy: upload-trigger policy.

@@ -2,12 +2,15 @@
 
 A contract between the cloud (producer) and the devices (consumer), so it lives below both
 packages (``cloud_recsys`` and ``device_rerank`` never import each other), with no heavy
-imports; ``top_indices`` is how either side cuts a scored list.
+imports; ``top_indices`` is how either side cuts a scored list, and ``candidates_to_json`` /
+``candidates_from_json`` are its JSON wire form (the candidate HTTP API of every cloud engine).
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -64,3 +67,36 @@ def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     idx = np.argpartition(-scores, k - 1)[:k]
     return idx[np.argsort(-scores[idx], kind="stable")]
+
+
+def candidates_to_json(c: Candidates) -> dict[str, Any]:
+    """JSON body of one candidate list (int8 features base64-encoded, row-major (k, dim))."""
+    return {
+        "user_id": int(c.user_id),
+        "item_ids": [int(i) for i in c.item_ids],
+        "scores": [float(s) for s in c.scores],
+        "dim": int(c.emb_q.shape[1]) if c.emb_q.ndim == 2 else 0,
+        "emb_q_b64": base64.b64encode(np.ascontiguousarray(c.emb_q, dtype=np.int8).tobytes()).decode(),
+        "emb_scale": [float(s) for s in c.emb_scale],
+        "model_version": int(c.model_version),
+        "computed_at_ms": int(c.computed_at_ms),
+        "fallback": c.fallback,
+    }
+
+
+def candidates_from_json(d: dict[str, Any]) -> Candidates:
+    """Inverse of ``candidates_to_json`` (used by device-side HTTP clients)."""
+    k = len(d["item_ids"])
+    dim = int(d.get("dim", 0))
+    raw = base64.b64decode(d["emb_q_b64"])
+    emb = np.frombuffer(raw, dtype=np.int8).reshape(k, dim) if dim else np.zeros((k, 0), np.int8)
+    return Candidates(
+        user_id=int(d["user_id"]),
+        item_ids=np.asarray(d["item_ids"], dtype=np.int64),
+        scores=np.asarray(d["scores"], dtype=np.float32),
+        emb_q=emb,
+        emb_scale=np.asarray(d["emb_scale"], dtype=np.float32),
+        model_version=int(d["model_version"]),
+        computed_at_ms=int(d.get("computed_at_ms", 0)),
+        fallback=d.get("fallback"),
+    )

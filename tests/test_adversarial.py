@@ -237,7 +237,8 @@ def test_wire_records_check_their_size_before_decompressing(case: str) -> None:
     assert ok, what
 
 
-@pytest.mark.parametrize("case", ["http_user_id_2_63", "http_batch_user_id_2_63", "http_k_negative", "http_body_10mb", "http_service_user_2_63"])
+@pytest.mark.parametrize("case", ["http_user_id_2_63", "http_batch_user_id_2_63", "http_k_negative", "http_body_10mb", "http_session_item_2_63",
+                                  "http_session_ts_2_63", "http_exclude_item_2_63", "http_get_items_2_63"])
 def test_http_bounds(case: str) -> None:
     ok, what = catalogue.run_case(case)
     assert ok, what

@@ -18,7 +18,7 @@ from streams.delivery import DeadLetterRecord, decode_dead_letter
 from streams.schema import EventKind
 from streams.transport import Consumer, Record, Transport, TransportError, partition_for
 from tandem.services.cloud_service import CloudWorker, DeliveryState, IdSet
-from cloud_recsys.http import candidates_from_json, candidates_to_json
+from streams.candidates import candidates_from_json, candidates_to_json
 from tandem.services.engines import PopularityEngine
 from tandem.services.metrics import Registry, add_metrics_routes
 from tandem.services.settings import (

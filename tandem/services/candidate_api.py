@@ -2,7 +2,8 @@
 
 Why one module: the recommender and popularity engines serve the same HTTP API, so they
 must refuse the same requests the same way (a one-line 400 naming the field, 413 for an
-oversize body) instead of each engine trusting FastAPI's defaults differently.
+oversize body) instead of each engine trusting FastAPI's defaults differently. The JSON
+body of a candidate list is the contract's own (``streams.candidates.candidates_to_json``).
 """
 
 from __future__ import annotations
@@ -14,27 +15,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from cloud_recsys.http import limit_body
-
 #: Bounds of one candidate request (a device sends at most its recent items).
 MAX_K = 1000
 MAX_BATCH = 1000
 MAX_SESSION = 256
 MAX_ID = 2**63 - 1
+#: Largest request body accepted (a batch of MAX_BATCH bare user ids is ~25 KB).
+MAX_BODY_BYTES: int = 64 * 1024
 
 UserId = Annotated[int, Field(ge=0, le=MAX_ID)]
+#: Item ids and times a request carries: int64, non-negative (a larger one is a 400, not a 500
+#: from an int64 overflow deep in the engine).
+ItemId = Annotated[int, Field(ge=0, le=MAX_ID)]
+TimeMs = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
 class SessionBody(BaseModel):
-    item_ids: list[int] = Field(default_factory=list, max_length=MAX_SESSION)
-    ts_ms: list[int] | None = Field(default=None, max_length=MAX_SESSION)
+    item_ids: list[ItemId] = Field(default_factory=list, max_length=MAX_SESSION)
+    ts_ms: list[TimeMs] | None = Field(default=None, max_length=MAX_SESSION)
 
 
 class RequestBody(BaseModel):
     user_id: int = Field(ge=0, le=MAX_ID)
     at_ms: int | None = Field(default=None, ge=0, le=MAX_ID)  # this fetch's time (default: the batch's)
     session: SessionBody | None = None
-    exclude: list[int] | None = Field(default=None, max_length=10_000)
+    exclude: list[ItemId] | None = Field(default=None, max_length=10_000)
 
 
 class BatchBody(BaseModel):
@@ -61,6 +66,69 @@ class QueryParams(BaseModel):
     user_id: int = Field(ge=0, le=MAX_ID)
     k: int | None = Field(default=None, ge=1, le=MAX_K)
     at_ms: int | None = Field(default=None, ge=0, le=MAX_ID)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body larger than ``max_bytes`` (declared or streamed).
+
+    Why: a 10 MB JSON body must not be parsed (memory, CPU) to find out it is too big. The
+    body is read up to the limit, then handed to the app as one chunk.
+    """
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def _reject(self, send: Any, size: str) -> None:
+        body = ('{"detail":"request body of %s bytes exceeds the limit of %d"}' % (size, self.max_bytes)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.max_bytes:
+                    await self._reject(send, value.decode(errors="replace"))
+                    return
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            chunk = msg.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await self._reject(send, f"more than {self.max_bytes}")
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Any:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def limit_body(app: FastAPI, max_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """Add ``BodyLimit`` to ``app`` (every engine's HTTP app should)."""
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    return app
 
 
 def one_line(exc: ValidationError | RequestValidationError) -> str:

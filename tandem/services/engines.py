@@ -21,9 +21,8 @@ from typing import Any, Callable
 import numpy as np
 from fastapi import FastAPI
 
-from streams.candidates import Candidates, quantize_rows
+from streams.candidates import Candidates, candidates_to_json, quantize_rows
 from cloud_recsys.availability import Availability
-from cloud_recsys.http import candidates_to_json
 from streams.batch import EventBatch
 from streams.schema import POSITIVE_KINDS
 from tandem.services.candidate_api import BatchBody, guard, parse_query
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 _POS = np.array(sorted(int(k) for k in POSITIVE_KINDS), dtype=np.uint8)
 
 
-# The candidate wire format (JSON) is the cloud HTTP API's own: one definition for both.
+# The candidate wire format (JSON) is the contract's own (streams.candidates): one definition for every engine.
 
 
 def item_features(item_ids: np.ndarray, dim: int) -> np.ndarray:

@@ -31,8 +31,7 @@ import httpx
 import numpy as np
 
 from cloud_recsys.availability import Availability
-from streams.candidates import Candidates
-from cloud_recsys.http import candidates_from_json
+from streams.candidates import Candidates, candidates_from_json
 from streams.batch import EventBatch, decode_valid
 from streams.schema import AVAILABILITY_KINDS, POSITIVE_KINDS, SchemaError
 from streams.transport import Consumer, Transport

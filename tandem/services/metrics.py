@@ -237,7 +237,7 @@ class History:
 def add_metrics_routes(app: FastAPI, registry: Registry, health: "callable[[], dict[str, Any]] | None" = None) -> FastAPI:  # type: ignore[valid-type]
     """Add ``/healthz``, ``/metrics`` (Prometheus) and ``/metrics.json`` to ``app``.
 
-    Routes already defined on ``app`` (e.g. by cloud_recsys.http) are replaced so the
+    Routes already defined on ``app`` (e.g. the recommender engine's ``/healthz``) are replaced so the
     service's registry is the one scraped.
     """
     for path in ("/healthz", "/metrics", "/metrics.json"):

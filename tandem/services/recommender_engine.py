@@ -20,15 +20,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException
+from pydantic import ValidationError
 
 from cloud_recsys.availability import Availability
-from streams.candidates import Candidates
-from cloud_recsys.http import candidates_to_json
+from streams.candidates import Candidates, candidates_to_json
 from cloud_recsys.recommender import Request, Session, build_recommender
 from device_rerank.config import RerankerConfig
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
-from tandem.services.candidate_api import MAX_SESSION, BatchBody, RequestBody, SessionBody, guard, parse_query
+from tandem.services.candidate_api import MAX_SESSION, BatchBody, RequestBody, SessionBody, guard, one_line, parse_query
 from tandem.services.settings import CloudSettings
 from tandem.strategies import make_strategies
 from tandem.strategies.server import StrategyCloud, serve_candidates
@@ -234,7 +234,10 @@ class RecommenderEngine:
                     raise HTTPException(400, "items must be comma-separated integer ids") from None
                 if len(ids) > MAX_SESSION:
                     raise HTTPException(400, f"at most {MAX_SESSION} session items")
-                session = SessionBody(item_ids=ids)
+                try:
+                    session = SessionBody(item_ids=ids)
+                except ValidationError as exc:
+                    raise HTTPException(400, "items: " + one_line(exc)) from None
             return candidates_to_json(self.candidates([RequestBody(user_id=q.user_id, session=session)], q.k, q.at_ms)[0])
 
         def post_batch(body: BatchBody) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from streams.candidates import Candidates, quantize_rows
+from cloud_recsys.index import ItemIndex
 from cloud_recsys.recommender import CloudRecommender, Request
 from device_rerank.config import CTX_FEATURES, DeviceConfig
 from device_rerank.encoders import HardExamples
@@ -92,6 +93,7 @@ class StrategyCloud:
         self.item_vecs = np.zeros((0, reranker.config.emb_dim), dtype=np.float32)
         self.emb_q = np.zeros((0, reranker.config.emb_dim), dtype=np.int8)
         self.emb_scale = np.zeros(0, dtype=np.float32)
+        self.index: ItemIndex | None = None  # FAISS index of the overlay (item deltas baked in at refresh)
 
     # AggregationTarget
     def apply_model_delta(self, flat_delta: np.ndarray) -> None:
@@ -178,6 +180,8 @@ class StrategyCloud:
                 if j is not None and j < len(vecs):
                     vecs[j] += d
         self.item_ids, self.item_vecs = np.asarray(ids, dtype=np.int64), vecs
+        # the overlay's own two-tower index, rebuilt with it (None: serve the cloud's snapshot)
+        self.index = cloud.index_for(vecs) if self.item_delta and len(ids) else None
         if len(vecs):
             self.emb_q, self.emb_scale = quantize_rows(vecs)
         self.version += 1
@@ -226,13 +230,14 @@ def serve_candidates(sc: StrategyCloud, cloud: CloudRecommender, requests: Seque
     """The cloud's ranked lists for a batch of fetches, as the payload a device receives.
 
     The strategy's overlay is applied: its item vectors (device item deltas on top of the
-    snapshot) and, for users with an uploaded interest vector, that vector as a further
+    snapshot, baked in at the last ``refresh``, searched through the overlay's own index;
+    deltas aggregated since then reach serving at the next refresh) and, for users with an uploaded interest vector, that vector as a further
     recall channel and ranking feature. A user with neither a known id nor a session gets
     the trending list, flagged ``fallback="popular"``.
     """
     users = np.array([r.user_id for r in requests], dtype=np.int64)
-    vectors = sc.item_vecs if sc.item_delta else None
-    ranked = cloud.recommend(requests, k, vectors=vectors, interest=sc.interest_vectors(users))
+    vectors = sc.item_vecs if sc.index is not None else None  # no deltas baked in: the snapshot itself
+    ranked = cloud.recommend(requests, k, vectors=vectors, interest=sc.interest_vectors(users), index=sc.index)
     d = sc.emb_q.shape[1]
     out = []
     for req, r in zip(requests, ranked):
