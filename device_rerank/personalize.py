@@ -24,7 +24,7 @@ import torch
 
 from device_rerank.config import PersonalizeConfig
 from device_rerank.encoders import HardExamples
-from device_rerank.reranker import Reranker
+from device_rerank.reranker import Encoded, Reranker
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +107,11 @@ def fine_tune_patch(
     n_train = len(buffer) - h
     p = patch.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([p], lr=config.lr)
-    fixed = buffer.batch(np.arange(n_train)) if n_train <= config.batch_groups else None
+    fixed = _encoded(model, buffer, np.arange(n_train)) if n_train <= config.batch_groups else None
     loss_val = float("nan")
     for _ in range(steps):
-        batch = fixed if fixed is not None else buffer.batch(rng.choice(n_train, size=config.batch_groups, replace=False))
-        cand, cz, ctx, seq, sf, sm, slot, _ = batch
-        scores = model(cand, cz, ctx, seq, sf, sm, p)
+        enc, slot = fixed if fixed is not None else _encoded(model, buffer, rng.choice(n_train, size=config.batch_groups, replace=False))
+        scores = model.head(enc, p)
         loss = listwise_loss(scores, slot) + config.l2 * (p * p).sum()
         opt.zero_grad(set_to_none=True)
         (grad,) = torch.autograd.grad(loss, [p])
@@ -125,13 +124,23 @@ def fine_tune_patch(
         loss_val = float(loss.detach())
     new = p.detach()
     if h > 0:
-        cand, cz, ctx, seq, sf, sm, slot, _ = buffer.batch(np.arange(n_train, len(buffer)))
+        enc, slot = _encoded(model, buffer, np.arange(n_train, len(buffer)))
         with torch.no_grad():
-            before = float(listwise_loss(model(cand, cz, ctx, seq, sf, sm, patch), slot))
-            after = float(listwise_loss(model(cand, cz, ctx, seq, sf, sm, new), slot))
+            before = float(listwise_loss(model.head(enc, patch), slot))
+            after = float(listwise_loss(model.head(enc, new), slot))
         if not after < before:
             return patch, loss_val
     return new, loss_val
+
+
+def _encoded(model: Reranker, buffer: ExampleBuffer, index: np.ndarray) -> tuple[Encoded, torch.Tensor]:
+    """The patch-independent part of the forward pass over buffered groups, and their slot mask.
+
+    Only the patch is trained, so everything else is computed once per batch, without a graph.
+    """
+    cand, cz, ctx, seq, sf, sm, slot, _ = buffer.batch(index)
+    with torch.no_grad():
+        return model.encode(cand, cz, ctx, seq, sf, sm), slot
 
 
 def shared_gradient(
