@@ -115,6 +115,8 @@ class Device:
         self._cloud_set: set[int] = set()
         self._consumed: set[int] = set()
         self.record_examples = True
+        self._interest: np.ndarray | None = None
+        self._interest_key: tuple[int, int, int] | None = None
 
     # -- cloud side --------------------------------------------------------
     def fetch(self, source: CandidateSource, k: int = 100, at_ms: int | None = None) -> int:
@@ -181,7 +183,7 @@ class Device:
             dwell = max(float(value), 0.0)
             j = self.history.last_index_of(item_id)
             if j is not None:
-                self.history.dwell[j] = dwell
+                self.history.set_dwell(j, dwell)
                 st.last_dwell = dwell
             elif dwell >= cfg.skip_dwell_s:
                 self._engage(ts_ms, item_id, kind, dwell, st)
@@ -370,13 +372,23 @@ class Device:
         return loss
 
     def interest(self, at_ms: int | None = None) -> np.ndarray | None:
-        """Dwell/recency-weighted mean of engaged item embeddings (None before any engagement)."""
+        """Dwell/recency-weighted mean of engaged item embeddings (None before any engagement).
+
+        Kept for the last (history version, time) asked: an engagement asks twice (the upload
+        policy, then the update itself).
+        """
+        now = self._now if at_ms is None else at_ms
+        key = (id(self.history), self.history.version, now)
+        if key != self._interest_key:
+            self._interest, self._interest_key = self._interest_at(now), key
+        return None if self._interest is None else self._interest.copy()
+
+    def _interest_at(self, now: int) -> np.ndarray | None:
         h = self.history
         idx = h.order()
         idx = idx[h.has_emb[idx]]
         if len(idx) == 0:
             return None
-        now = self._now if at_ms is None else at_ms
         age_s = np.maximum(now - h.ts[idx], 0) / 1000.0
         return interest_vector(h.emb[idx], h.dwell[idx], age_s, self.config.interest_half_life_s)
 

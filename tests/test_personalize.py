@@ -194,3 +194,20 @@ def test_holdout_gate_keeps_a_patch_only_if_the_newest_feedback_improves(shift: 
         assert torch.equal(patch, start)
     else:
         assert float(patch.norm()) > 0
+
+
+def test_patch_adam_matches_torch_adam_bit_for_bit():
+    """fine_tune_patch's PatchAdam is torch's Adam (defaults) without the optimizer machinery."""
+    from device_rerank.personalize import PatchAdam
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p0 = torch.randn(48, generator=gen)
+        a, b = p0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
+        ref, mine = torch.optim.Adam([a], lr=0.01), PatchAdam(b, lr=0.01)
+        for _ in range(30):
+            g = torch.randn(48, generator=gen) * 10.0 ** float(torch.randint(-6, 2, (1,), generator=gen))
+            a.grad = g.clone()
+            ref.step()
+            mine.step(g.clone())
+        assert torch.equal(a.detach(), b.detach())
