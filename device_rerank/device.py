@@ -37,7 +37,7 @@ from device_rerank.features import (
     candidate_features,
     standardize,
 )
-from device_rerank.personalize import ExampleBuffer, ExampleGroup, buffer_examples, fine_tune_patch, shared_gradient
+from device_rerank.personalize import ExampleBuffer, ExampleGroup, PatchJob, buffer_examples, fine_tune_patches, shared_gradient
 from device_rerank.privacy import PrivacyAccountant
 from device_rerank.reranker import Reranker
 from streams.schema import EventKind
@@ -360,16 +360,7 @@ class Device:
     # -- local learning ----------------------------------------------------
     def personalize(self, steps: int) -> float:
         """Fine-tune the per-user patch within this session's step budget; returns the last loss."""
-        budget = self.config.personalize.max_steps_per_session - self.session_steps
-        n = max(0, min(int(steps), budget))
-        if n == 0 or len(self.buffer) == 0:
-            return float("nan")
-        patch, loss = fine_tune_patch(self.model, self.buffer, self.patch, self.config.personalize, n, self.rng)
-        self.session_steps += n
-        if patch is not self.patch:  # the holdout gate may keep the old patch: nothing to re-score
-            self.patch = patch
-            self._dirty = True
-        return loss
+        return personalize_devices([self], steps)[0]
 
     def interest(self, at_ms: int | None = None) -> np.ndarray | None:
         """Dwell/recency-weighted mean of engaged item embeddings (None before any engagement).
@@ -503,6 +494,29 @@ def rescore_devices(requests: Sequence[tuple[Device, int, set[int] | None]]) -> 
 def rescore_batched(devices: Sequence[Device], at_ms: int, live: set[int] | None) -> int:
     """``rescore_devices`` for devices that all look at ``at_ms`` with the same ``live`` view."""
     return rescore_devices([(dev, at_ms, live) for dev in devices])
+
+
+def personalize_devices(devices: Sequence[Device], steps: int) -> list[float]:
+    """``Device.personalize(steps)`` for many devices (each at most once), their patch
+    fine-tuning batched (``fine_tune_patches``); returns each device's last loss."""
+    losses = [float("nan")] * len(devices)
+    jobs: list[PatchJob] = []
+    owners: list[tuple[int, int]] = []
+    for i, dev in enumerate(devices):
+        budget = dev.config.personalize.max_steps_per_session - dev.session_steps
+        n = max(0, min(int(steps), budget))
+        if n == 0 or len(dev.buffer) == 0:
+            continue
+        jobs.append(PatchJob(dev.model, dev.buffer, dev.patch, dev.config.personalize, n, dev.rng))
+        owners.append((i, n))
+    for (i, n), (patch, loss) in zip(owners, fine_tune_patches(jobs)):
+        dev = devices[i]
+        dev.session_steps += n
+        if patch is not dev.patch:  # the holdout gate may keep the old patch: nothing to re-score
+            dev.patch = patch
+            dev._dirty = True
+        losses[i] = loss
+    return losses
 
 
 def time_single_rescore(dev: Device, at_ms: int) -> float:

@@ -109,6 +109,7 @@ class Reranker(nn.Module):
         On-device fine-tuning changes only the patch, so it encodes a fixed batch once and runs
         ``head`` per step: the same operations on the same values as ``forward`` each step.
         """
+        q0 = self.query(cand_emb)  # first: a gradient w.r.t. cand_emb sums its uses in forward's order
         k = self.key(seq_emb) + self.key_feat(seq_feat)
         v = self.value(seq_emb)
         mask_add = (seq_mask[:, None, :] - 1.0) * (-_MASK_NEG)
@@ -118,7 +119,7 @@ class Reranker(nn.Module):
         sims = torch.matmul(cn, sn.transpose(1, 2)) + (seq_mask[:, None, :] - 1.0) * 2.0
         max_sim = sims.max(dim=-1).values * any_valid
         side = torch.cat([ctx, cloud_z[..., None], max_sim[..., None]], dim=-1)
-        return Encoded(cand_emb, self.query(cand_emb), k.transpose(1, 2), v, mask_add, any_valid[:, :, None], side, self.prior(side).squeeze(-1))
+        return Encoded(cand_emb, q0, k.transpose(1, 2), v, mask_add, any_valid[:, :, None], side, self.prior(side).squeeze(-1))
 
     def head(self, e: Encoded, patch: torch.Tensor) -> torch.Tensor:
         """Scores (B, K) of encoded inputs under ``patch`` (``forward`` = ``head(encode(...), patch)``)."""
@@ -129,10 +130,20 @@ class Reranker(nn.Module):
         return self.mlp_out(h).squeeze(-1) + e.prior + taste
 
     def _hidden(self, q: torch.Tensor, e: Encoded) -> torch.Tensor:
-        logits = torch.matmul(q, e.key_t) * self._scale + e.mask_add
-        w = torch.softmax(logits, dim=-1) * e.any_valid
-        interest = torch.matmul(w, e.value)
-        return torch.relu(self.mlp_in(torch.cat([q, interest, q * interest, e.side], dim=-1)))
+        return self.hidden(q, e.key_t, e.value, e.mask_add, e.any_valid, e.side)
+
+    def hidden(
+        self, q: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor, mask_add: torch.Tensor, any_valid: torch.Tensor, side: torch.Tensor
+    ) -> torch.Tensor:
+        """The MLP's hidden layer (B, K, hidden) for queries ``q`` (``Encoded`` supplies the rest).
+
+        Row-wise in B and K, so rows of many users may be stacked (personalization batches
+        devices this way); the one-output layers after it are not (see ``score_rows``).
+        """
+        logits = torch.matmul(q, key_t) * self._scale + mask_add
+        w = torch.softmax(logits, dim=-1) * any_valid
+        interest = torch.matmul(w, value)
+        return torch.relu(self.mlp_in(torch.cat([q, interest, q * interest, side], dim=-1)))
 
     def score_rows(self, e: Encoded, patches: torch.Tensor, lengths: list[int] | None = None) -> list[torch.Tensor]:
         """Row ``b``'s scores under its own patch ``patches[b]``: exactly ``forward`` on that row alone.

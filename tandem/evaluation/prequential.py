@@ -410,7 +410,8 @@ def _device_window(
     events in order (fetch and sync, re-score, the ranking tested, then the action), and
     nothing a device does reads another device's state. What changes is the batching:
     the re-scores of a wave (up to one per device) run as one forward pass per shared
-    model and list length (``rescore_devices``). Points are logged in event order, and
+    model and list length (``rescore_devices``), and the syncs' personalization steps as
+    one forward and backward pass per step (``StrategyFleet.receive_many``). Points are logged in event order, and
     uploads are put back in event order before each round (their tag is the event index).
     """
     w0, maxk, every = w.w0, max(config.ks), config.latency_sample_every
@@ -419,10 +420,9 @@ def _device_window(
     shown: dict[tuple[int, int], tuple[np.ndarray, float | None, int | None]] = {}
     for wave in w.waves():
         pos_wave = [o for o in wave if w.is_pos[o]]
-        for ri, r in runs:  # phase 1: fetches and the syncs and uploads that go with them
-            for o in pos_wave:
-                if w.fetch[o]:
-                    r.fleet.receive(int(w.users[o]), int(w.ts[o]), served[ri][w0 + o], bool(w.sync[o]), tag=w0 + o)
+        fetches = [o for o in pos_wave if w.fetch[o]]
+        for ri, r in runs:  # phase 1: fetches and the syncs (personalization batched) and uploads that go with them
+            r.fleet.receive_many([(int(w.users[o]), int(w.ts[o]), served[ri][w0 + o], bool(w.sync[o]), w0 + o) for o in fetches])
         # phase 2: one forward per shared model and list length for every device that must re-score
         reqs = []
         for _, r in runs:
