@@ -33,7 +33,8 @@ class DeviceAction(enum.IntEnum):
     DELETE = 101
 
 
-_LIVE_KINDS: Final[frozenset[int]] = frozenset({int(EventKind.LIVE_ENTER), int(EventKind.LIVE_LEAVE)})
+_LIVE_ENTER: Final[int] = int(EventKind.LIVE_ENTER)
+_LIVE_LEAVE: Final[int] = int(EventKind.LIVE_LEAVE)
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,8 @@ class BehaviourHistory:
             age_s = np.maximum(at_ms - self.ts[idx], 0) / 1000.0
             feat[seq_len - m :, 0] = np.log1p(self.dwell[idx]) / _LOG_DWELL_NORM
             feat[seq_len - m :, 1] = np.minimum(np.log1p(age_s) / np.log1p(horizon_s), 1.0)
-            feat[seq_len - m :, 2] = np.isin(self.kind[idx], list(_LIVE_KINDS))
+            kind = self.kind[idx]
+            feat[seq_len - m :, 2] = (kind == _LIVE_ENTER) | (kind == _LIVE_LEAVE)  # a live kind (np.isin cost 10x more)
             mask[seq_len - m :] = 1.0
         return emb, feat, mask
 
