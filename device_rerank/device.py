@@ -491,11 +491,6 @@ def rescore_devices(requests: Sequence[tuple[Device, int, set[int] | None]]) -> 
     return forwards
 
 
-def rescore_batched(devices: Sequence[Device], at_ms: int, live: set[int] | None) -> int:
-    """``rescore_devices`` for devices that all look at ``at_ms`` with the same ``live`` view."""
-    return rescore_devices([(dev, at_ms, live) for dev in devices])
-
-
 def personalize_devices(devices: Sequence[Device], steps: int) -> list[float]:
     """``Device.personalize(steps)`` for many devices (each at most once), their patch
     fine-tuning batched (``fine_tune_patches``); returns each device's last loss."""
