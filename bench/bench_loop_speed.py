@@ -2,8 +2,9 @@
 
 Replays the first N events of a log once per strategy (one process, one core for torch)
 and prints each strategy's events/s and its ratio to cloud-only, plus where the time went
-(cloud training, retrieval, devices, aggregation rounds). Issue 13's target: hybrid at
-3,000 events/s or more on one core.
+(cloud training, retrieval, devices, aggregation rounds, baselines), the device time per
+event and NDCG@10 (so a speed change that moves a result shows up here). Issue 13's
+target: hybrid at 3,000 events/s or more on one core.
 
     python bench/bench_loop_speed.py [--source twitch|synthetic|PATH] [--events 20000] [--strategies cloud-only,hybrid]
 """
@@ -23,27 +24,30 @@ def main() -> int:
     ap.add_argument("--strategies", default="cloud-only,hybrid")
     a = ap.parse_args()
 
-    from streams.datasets import SHARED_DATA, load_source
+    from streams.datasets import SHARED_FOLDERS, data_root, load_source
     from tandem.evaluation.prequential import EvalConfig, run_prequential
     from tandem.strategies import make_strategies
 
-    source = a.source if a.source != "twitch" or SHARED_DATA.is_dir() else "synthetic"
+    source = a.source if a.source != "twitch" or (data_root() / SHARED_FOLDERS["twitch"]).is_dir() else "synthetic"
     log = load_source(source, events=a.events) if source == "synthetic" else load_source(source)
     cfg = EvalConfig(max_events=a.events, n_boot=10)
     n = min(a.events, len(log))
-    rows: list[tuple[str, float, dict[str, float]]] = []
+    rows: list[tuple[str, float, dict[str, float], float]] = []
     for strategy in make_strategies(a.strategies):
         t0 = time.perf_counter()
         res = run_prequential(log, [strategy], cfg, workers=1)
         wall = time.perf_counter() - t0
-        rows.append((strategy.label, n / wall, res.timings))
-    base = next((eps for label, eps, _ in rows if label == "cloud-only"), None)
+        ndcg = next(r.metrics["NDCG@10"].mean for r in res.results if r.label == strategy.label)
+        rows.append((strategy.label, n / wall, res.timings, ndcg))
+    base = next((eps for label, eps, _, _ in rows if label == "cloud-only"), None)
     print(f"source={source} events={n:,} (one process, torch on one thread)")
-    print(f"{'strategy':<16}{'events/s':>10}{'vs cloud-only':>15}{'cloud_train_s':>15}{'retrieval_s':>13}{'devices_s':>11}{'rounds_s':>10}")
-    for label, eps, t in rows:
+    cols = ("cloud_train_s", "retrieval_s", "devices_s", "rounds_s", "baselines_s")
+    print(f"{'strategy':<16}{'events/s':>10}{'vs cloud-only':>15}" + "".join(f"{c:>14}" for c in cols) + f"{'device_ms/ev':>14}{'NDCG@10':>10}")
+    for label, eps, t, ndcg in rows:
         ratio = f"{eps / base:.2f}x" if base else "-"
-        print(f"{label:<16}{eps:>10,.0f}{ratio:>15}{t.get('cloud_train_s', 0):>15.1f}{t.get('retrieval_s', 0):>13.1f}{t.get('devices_s', 0):>11.1f}{t.get('rounds_s', 0):>10.1f}")
-    hybrid = next((eps for label, eps, _ in rows if label == "hybrid"), None)
+        per_ev = 1e3 * t.get("devices_s", 0) / max(n, 1)
+        print(f"{label:<16}{eps:>10,.0f}{ratio:>15}" + "".join(f"{t.get(c, 0):>14.1f}" for c in cols) + f"{per_ev:>14.3f}{ndcg:>10.6f}")
+    hybrid = next((eps for label, eps, _, _ in rows if label == "hybrid"), None)
     if hybrid is not None:
         verdict = "meets" if hybrid >= TARGET_HYBRID_EVENTS_PER_S else "misses"
         print(f"hybrid {hybrid:,.0f} events/s {verdict} the {TARGET_HYBRID_EVENTS_PER_S:,} events/s target")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -37,12 +37,14 @@ from device_rerank.features import (
     candidate_features,
     standardize,
 )
-from device_rerank.personalize import ExampleBuffer, ExampleGroup, buffer_examples, fine_tune_patch, shared_gradient
+from device_rerank.personalize import ExampleBuffer, ExampleGroup, PatchJob, buffer_examples, fine_tune_patches, shared_gradient
 from device_rerank.privacy import PrivacyAccountant
 from device_rerank.reranker import Reranker
 from streams.schema import EventKind
 
 logger = logging.getLogger(__name__)
+
+_INPUT_FIELDS = ("cand_emb", "cloud_z", "ctx", "seq_emb", "seq_feat", "seq_mask")
 
 _ENGAGE = frozenset(int(k) for k in (EventKind.CLICK, EventKind.LIKE, EventKind.FOLLOW, EventKind.LIVE_ENTER, EventKind.RATE))
 _DWELL = frozenset({int(EventKind.WATCH), int(EventKind.LIVE_LEAVE)})
@@ -113,6 +115,8 @@ class Device:
         self._cloud_set: set[int] = set()
         self._consumed: set[int] = set()
         self.record_examples = True
+        self._interest: np.ndarray | None = None
+        self._interest_key: tuple[int, int, int] | None = None
 
     # -- cloud side --------------------------------------------------------
     def fetch(self, source: CandidateSource, k: int = 100, at_ms: int | None = None) -> int:
@@ -179,7 +183,7 @@ class Device:
             dwell = max(float(value), 0.0)
             j = self.history.last_index_of(item_id)
             if j is not None:
-                self.history.dwell[j] = dwell
+                self.history.set_dwell(j, dwell)
                 st.last_dwell = dwell
             elif dwell >= cfg.skip_dwell_s:
                 self._engage(ts_ms, item_id, kind, dwell, st)
@@ -298,7 +302,10 @@ class Device:
         if len(self._cloud_ids) == 0:
             return
         inputs, ids, injected = self._inputs(at_ms)
-        self._scores = self.model.score_numpy(inputs, self.patch)
+        self._set_scores(self.model.score_numpy(inputs, self.patch), ids, injected)
+
+    def _set_scores(self, scores: np.ndarray, ids: np.ndarray, injected: np.ndarray) -> None:
+        self._scores = scores
         self._scored_ids = ids
         self._injected = injected
         self._dirty = False
@@ -353,25 +360,26 @@ class Device:
     # -- local learning ----------------------------------------------------
     def personalize(self, steps: int) -> float:
         """Fine-tune the per-user patch within this session's step budget; returns the last loss."""
-        budget = self.config.personalize.max_steps_per_session - self.session_steps
-        n = max(0, min(int(steps), budget))
-        if n == 0 or len(self.buffer) == 0:
-            return float("nan")
-        patch, loss = fine_tune_patch(self.model, self.buffer, self.patch, self.config.personalize, n, self.rng)
-        self.session_steps += n
-        if patch is not self.patch:  # the holdout gate may keep the old patch: nothing to re-score
-            self.patch = patch
-            self._dirty = True
-        return loss
+        return personalize_devices([self], steps)[0]
 
     def interest(self, at_ms: int | None = None) -> np.ndarray | None:
-        """Dwell/recency-weighted mean of engaged item embeddings (None before any engagement)."""
+        """Dwell/recency-weighted mean of engaged item embeddings (None before any engagement).
+
+        Kept for the last (history version, time) asked: an engagement asks twice (the upload
+        policy, then the update itself).
+        """
+        now = self._now if at_ms is None else at_ms
+        key = (id(self.history), self.history.version, now)
+        if key != self._interest_key:
+            self._interest, self._interest_key = self._interest_at(now), key
+        return None if self._interest is None else self._interest.copy()
+
+    def _interest_at(self, now: int) -> np.ndarray | None:
         h = self.history
         idx = h.order()
         idx = idx[h.has_emb[idx]]
         if len(idx) == 0:
             return None
-        now = self._now if at_ms is None else at_ms
         age_s = np.maximum(now - h.ts[idx], 0) / 1000.0
         return interest_vector(h.emb[idx], h.dwell[idx], age_s, self.config.interest_half_life_s)
 
@@ -443,53 +451,67 @@ class Device:
         self._dirty = True
 
 
-def rescore_batched(devices: Sequence[Device], at_ms: int, live: set[int] | None) -> int:
-    """Re-score every dirty device in one forward pass per (shared model, zero patch) group.
+#: Lists shorter than this are scored alone: with one or two rows the linear layers take
+#: another kernel, whose rounding differs from the batched one.
+_MIN_BATCH_K = 4
 
-    Exactly what each device's own ``_rescore`` computes (candidates are scored
-    independently; padding rows are dropped), but one padded batch instead of one call
-    per device: a fleet simulator's hot path. Personalized devices (non-zero patch) are
-    scored alone since the patch is one vector per forward. Returns forwards run.
+
+def rescore_devices(requests: Sequence[tuple[Device, int, set[int] | None]]) -> int:
+    """Re-score every dirty device of ``(device, now_ms, live)`` requests, batched across devices.
+
+    Each device gets exactly the scores its own ``ranking(now_ms, live)`` would compute
+    (same features, same float operations; ``Reranker.score_rows`` keeps the rounding of a
+    row independent of its batch), but devices sharing a shared model and a list length
+    run one forward pass, each under its own patch. A device must appear at most once.
+    Returns forwards run.
     """
-    groups: dict[int, list[tuple[Device, Any, np.ndarray, np.ndarray]]] = {}
+    groups: dict[tuple[int, int], list[tuple[Device, RerankInputs, np.ndarray, np.ndarray]]] = {}
     forwards = 0
-    for dev in devices:
+    for dev, at_ms, live in requests:
         if live is not None and live != dev._live:
             dev._live = set(live)
             dev._dirty = True
         if not dev._dirty or len(dev._cloud_ids) == 0:
             continue
-        if bool(torch.any(dev.patch != 0)):
-            dev._rescore(at_ms)
+        inputs, ids, injected = dev._inputs(int(at_ms))
+        if len(ids) < _MIN_BATCH_K:
+            dev._set_scores(dev.model.score_numpy(inputs, dev.patch), ids, injected)
             forwards += 1
             continue
-        inputs, ids, injected = dev._inputs(at_ms)
-        groups.setdefault(id(dev.model), []).append((dev, inputs, ids, injected))
+        groups.setdefault((id(dev.model), len(ids)), []).append((dev, inputs, ids, injected))
     for members in groups.values():
         model = members[0][0].model
-        kmax = max(len(m[2]) for m in members)
-        b = len(members)
-        d = members[0][1].cand_emb.shape[1]
-        c = members[0][1].ctx.shape[1]
-        cand = np.zeros((b, kmax, d), dtype=np.float32)
-        cz = np.zeros((b, kmax), dtype=np.float32)
-        ctx = np.zeros((b, kmax, c), dtype=np.float32)
-        seq = np.stack([m[1].seq_emb for m in members]).astype(np.float32)
-        sf = np.stack([m[1].seq_feat for m in members]).astype(np.float32)
-        sm = np.stack([m[1].seq_mask for m in members]).astype(np.float32)
-        for i, (_, inp, ids, _) in enumerate(members):
-            k = len(ids)
-            cand[i, :k], cz[i, :k], ctx[i, :k] = inp.cand_emb, inp.cloud_z, inp.ctx
+        arrays = [np.stack([getattr(m[1], f) for m in members]).astype(np.float32, copy=False) for f in _INPUT_FIELDS]
         with torch.inference_mode():
-            out = model(*(torch.from_numpy(x) for x in (cand, cz, ctx, seq, sf, sm)), torch.zeros(model.config.patch_dim)).numpy()
+            e = model.encode(*(torch.from_numpy(x) for x in arrays))
+            rows = model.score_rows(e, torch.stack([m[0].patch for m in members]))
         forwards += 1
-        for i, (dev, _, ids, injected) in enumerate(members):
-            dev._scores = out[i, : len(ids)].copy()
-            dev._scored_ids = ids
-            dev._injected = injected
-            dev._dirty = False
-            dev.rescores += 1
+        for (dev, _, ids, injected), s in zip(members, rows):
+            dev._set_scores(s.numpy(), ids, injected)
     return forwards
+
+
+def personalize_devices(devices: Sequence[Device], steps: int) -> list[float]:
+    """``Device.personalize(steps)`` for many devices (each at most once), their patch
+    fine-tuning batched (``fine_tune_patches``); returns each device's last loss."""
+    losses = [float("nan")] * len(devices)
+    jobs: list[PatchJob] = []
+    owners: list[tuple[int, int]] = []
+    for i, dev in enumerate(devices):
+        budget = dev.config.personalize.max_steps_per_session - dev.session_steps
+        n = max(0, min(int(steps), budget))
+        if n == 0 or len(dev.buffer) == 0:
+            continue
+        jobs.append(PatchJob(dev.model, dev.buffer, dev.patch, dev.config.personalize, n, dev.rng))
+        owners.append((i, n))
+    for (i, n), (patch, loss) in zip(owners, fine_tune_patches(jobs)):
+        dev = devices[i]
+        dev.session_steps += n
+        if patch is not dev.patch:  # the holdout gate may keep the old patch: nothing to re-score
+            dev.patch = patch
+            dev._dirty = True
+        losses[i] = loss
+    return losses
 
 
 def time_single_rescore(dev: Device, at_ms: int) -> float:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from device_rerank.config import PersonalizeConfig
 from device_rerank.encoders import HardExamples
-from device_rerank.reranker import Reranker
+from device_rerank.reranker import Encoded, Reranker
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,30 @@ class ExampleBuffer:
         return (*t, torch.from_numpy(ids))
 
 
+class PatchAdam:
+    """``torch.optim.Adam`` (default settings) for the one patch tensor, without the optimizer
+    machinery: the same operations as torch's single-tensor Adam, so the same bits
+    (tests/test_personalize.py checks it against ``torch.optim.Adam``), at a fraction of the
+    per-step overhead that dominates a 48-float update.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.param, self.lr, self.beta1, self.beta2, self.eps = param, float(lr), betas[0], betas[1], eps
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.step_t = torch.tensor(0.0)
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        self.step_t += 1
+        step = self.step_t.item()
+        self.exp_avg.lerp_(grad, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        step_size = self.lr / (1 - self.beta1**step)
+        denom = (self.exp_avg_sq.sqrt() / (1 - self.beta2**step) ** 0.5).add_(self.eps)
+        self.param.addcdiv_(self.exp_avg, denom, value=-step_size)
+
+
 def listwise_loss(scores: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
     """Mean softmax cross-entropy with the positive in slot 0 (padding slots masked)."""
     logits = scores + (1.0 - slot_mask) * _PAD_LOGIT
@@ -99,39 +124,133 @@ def fine_tune_patch(
     only if it lowers their loss (else the old patch is returned): a device should not adopt a
     change that makes its own latest feedback rank worse.
     """
-    if len(buffer) == 0 or steps <= 0:
-        return patch, float("nan")
-    h = int(config.holdout_groups)
-    if h > 0 and len(buffer) <= h:
-        return patch, float("nan")  # not enough feedback to both train and check
-    n_train = len(buffer) - h
-    p = patch.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([p], lr=config.lr)
-    fixed = buffer.batch(np.arange(n_train)) if n_train <= config.batch_groups else None
-    loss_val = float("nan")
-    for _ in range(steps):
-        batch = fixed if fixed is not None else buffer.batch(rng.choice(n_train, size=config.batch_groups, replace=False))
-        cand, cz, ctx, seq, sf, sm, slot, _ = batch
-        scores = model(cand, cz, ctx, seq, sf, sm, p)
-        loss = listwise_loss(scores, slot) + config.l2 * (p * p).sum()
-        opt.zero_grad(set_to_none=True)
-        (grad,) = torch.autograd.grad(loss, [p])
-        p.grad = grad
-        opt.step()
-        with torch.no_grad():
-            n = float(p.norm())
-            if n > config.max_norm:
-                p.mul_(config.max_norm / n)
-        loss_val = float(loss.detach())
-    new = p.detach()
-    if h > 0:
-        cand, cz, ctx, seq, sf, sm, slot, _ = buffer.batch(np.arange(n_train, len(buffer)))
-        with torch.no_grad():
-            before = float(listwise_loss(model(cand, cz, ctx, seq, sf, sm, patch), slot))
-            after = float(listwise_loss(model(cand, cz, ctx, seq, sf, sm, new), slot))
-        if not after < before:
-            return patch, loss_val
-    return new, loss_val
+    return fine_tune_patches([PatchJob(model, buffer, patch, config, steps, rng)])[0]
+
+
+@dataclass(frozen=True)
+class PatchJob:
+    """One device's ``fine_tune_patch`` call (its own buffer, patch, config and rng)."""
+
+    model: Reranker
+    buffer: ExampleBuffer
+    patch: torch.Tensor
+    config: PersonalizeConfig
+    steps: int
+    rng: np.random.Generator
+
+
+@dataclass
+class _Tuning:
+    job: PatchJob
+    index: int
+    p: torch.Tensor
+    opt: "PatchAdam"
+    fixed: tuple[Encoded, torch.Tensor] | None
+    n_train: int
+    loss: float = float("nan")
+
+
+#: A device whose batch has fewer (groups x slots) rows than this trains alone: with a
+#: row or two the linear layers take another kernel, whose rounding differs.
+_MIN_STACK_ROWS = 4
+
+
+def fine_tune_patches(jobs: Sequence[PatchJob]) -> list[tuple[torch.Tensor, float]]:
+    """``fine_tune_patch`` for many devices at once, each with exactly its own result.
+
+    Each step runs one forward and one backward pass for all devices still training: their
+    groups are stacked through the reranker's row-wise hidden layer (``Reranker.hidden``)
+    and everything else - the one-output layers, the taste term, the loss, Adam, the norm
+    bound, the holdout check - stays per device, in the order ``fine_tune_patch`` runs it.
+    The devices' patches are independent (a device's loss depends on its patch only), and
+    tests/test_personalize.py checks the results bit for bit against one device at a time.
+    """
+    out: list[tuple[torch.Tensor, float]] = [(j.patch, float("nan")) for j in jobs]
+    runs: list[_Tuning] = []
+    for i, job in enumerate(jobs):
+        if len(job.buffer) == 0 or job.steps <= 0:
+            continue
+        h = int(job.config.holdout_groups)
+        if h > 0 and len(job.buffer) <= h:
+            continue  # not enough feedback to both train and check
+        n_train = len(job.buffer) - h
+        p = job.patch.detach().clone().requires_grad_(True)
+        fixed = _encoded(job.model, job.buffer, np.arange(n_train)) if n_train <= job.config.batch_groups else None
+        runs.append(_Tuning(job, i, p, PatchAdam(p, lr=job.config.lr), fixed, n_train))
+    stacked: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}  # fixed batches' stacked inputs, per member set
+    for step in range(max((r.job.steps for r in runs), default=0)):
+        act = [r for r in runs if r.job.steps > step]
+        batches = [
+            r.fixed
+            if r.fixed is not None
+            else _encoded(r.job.model, r.job.buffer, r.job.rng.choice(r.n_train, size=r.job.config.batch_groups, replace=False))
+            for r in act
+        ]
+        losses = _losses(act, batches, stacked)
+        grads = torch.autograd.grad(losses, [r.p for r in act])
+        for r, loss, grad in zip(act, losses, grads):
+            r.opt.step(grad)
+            with torch.no_grad():
+                n = float(r.p.norm())
+                if n > r.job.config.max_norm:
+                    r.p.mul_(r.job.config.max_norm / n)
+            r.loss = float(loss.detach())
+    for r in runs:
+        job, new = r.job, r.p.detach()
+        out[r.index] = (new, r.loss)
+        if int(job.config.holdout_groups) > 0:
+            enc, slot = _encoded(job.model, job.buffer, np.arange(r.n_train, len(job.buffer)))
+            with torch.no_grad():
+                before = float(listwise_loss(job.model.head(enc, job.patch), slot))
+                after = float(listwise_loss(job.model.head(enc, new), slot))
+            if not after < before:
+                out[r.index] = (job.patch, r.loss)
+    return out
+
+
+def _losses(
+    act: list[_Tuning], batches: list[tuple[Encoded, torch.Tensor]], stacked: dict[tuple[int, ...], tuple[torch.Tensor, ...]]
+) -> list[torch.Tensor]:
+    """Each device's training loss (listwise + L2 on its patch), the hidden layer stacked
+    over devices that share a model and batch shape."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (r, (enc, _)) in enumerate(zip(act, batches)):
+        b, k = enc.q0.shape[0], enc.q0.shape[1]
+        key = (id(r.job.model), k, enc.key_t.shape[2]) if b * k >= _MIN_STACK_ROWS else ("alone", i)
+        groups.setdefault(key, []).append(i)
+    losses: list[torch.Tensor | None] = [None] * len(act)
+    for members in groups.values():
+        model = act[members[0]].job.model
+        a = model.config.attn_dim
+        qs = [batches[i][0].q0 + act[i].p[:a] for i in members]
+        if len(members) == 1:
+            hs: Sequence[torch.Tensor] = [model._hidden(qs[0], batches[members[0]][0])]
+        else:
+            fixed = all(act[i].fixed is not None for i in members)
+            key = tuple(id(act[i]) for i in members)
+            ctx = stacked.get(key) if fixed else None
+            if ctx is None:
+                encs = [batches[i][0] for i in members]
+                ctx = tuple(torch.cat([getattr(e, f) for e in encs]) for f in ("key_t", "value", "mask_add", "any_valid", "side"))
+                if fixed:
+                    stacked[key] = ctx
+            hs = torch.split(model.hidden(torch.cat(qs), *ctx), [q.shape[0] for q in qs])
+        for i, hi in zip(members, hs):
+            r, (enc, slot) = act[i], batches[i]
+            taste = torch.matmul(enc.cand_emb, r.p[a:])
+            scores = model.mlp_out(hi).squeeze(-1) + enc.prior + taste
+            losses[i] = listwise_loss(scores, slot) + r.job.config.l2 * (r.p * r.p).sum()
+    return losses  # type: ignore[return-value]
+
+
+def _encoded(model: Reranker, buffer: ExampleBuffer, index: np.ndarray) -> tuple[Encoded, torch.Tensor]:
+    """The patch-independent part of the forward pass over buffered groups, and their slot mask.
+
+    Only the patch is trained, so everything else is computed once per batch, without a graph.
+    """
+    cand, cz, ctx, seq, sf, sm, slot, _ = buffer.batch(index)
+    with torch.no_grad():
+        return model.encode(cand, cz, ctx, seq, sf, sm), slot
 
 
 def shared_gradient(

@@ -17,7 +17,7 @@ the patch is fine-tuned there (``personalize.py``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +30,19 @@ if TYPE_CHECKING:
     from device_rerank.features import RerankInputs
 
 _MASK_NEG = -1e4
+
+
+class Encoded(NamedTuple):
+    """The patch-independent part of a forward pass (``Reranker.encode``)."""
+
+    cand_emb: torch.Tensor  # (B, K, d)
+    q0: torch.Tensor  # (B, K, a) query before the patch offset
+    key_t: torch.Tensor  # (B, a, L)
+    value: torch.Tensor  # (B, L, a)
+    mask_add: torch.Tensor  # (B, 1, L)
+    any_valid: torch.Tensor  # (B, 1, 1)
+    side: torch.Tensor  # (B, K, ctx_dim + 2)
+    prior: torch.Tensor  # (B, K) the prior head
 
 
 class Reranker(nn.Module):
@@ -80,22 +93,82 @@ class Reranker(nn.Module):
             seq_mask: (B, L) 1.0 for real steps, 0.0 for padding.
             patch: (patch_dim,) per-user patch; zeros means "shared model only".
         """
-        a = self.config.attn_dim
-        q = self.query(cand_emb) + patch[:a]
+        return self.head(self.encode(cand_emb, cloud_z, ctx, seq_emb, seq_feat, seq_mask), patch)
+
+    def encode(
+        self,
+        cand_emb: torch.Tensor,
+        cloud_z: torch.Tensor,
+        ctx: torch.Tensor,
+        seq_emb: torch.Tensor,
+        seq_feat: torch.Tensor,
+        seq_mask: torch.Tensor,
+    ) -> Encoded:
+        """Everything of ``forward`` that does not depend on the patch (same arguments, no patch).
+
+        On-device fine-tuning changes only the patch, so it encodes a fixed batch once and runs
+        ``head`` per step: the same operations on the same values as ``forward`` each step.
+        """
+        q0 = self.query(cand_emb)  # first: a gradient w.r.t. cand_emb sums its uses in forward's order
         k = self.key(seq_emb) + self.key_feat(seq_feat)
         v = self.value(seq_emb)
-        logits = torch.matmul(q, k.transpose(1, 2)) * self._scale + (seq_mask[:, None, :] - 1.0) * (-_MASK_NEG)
-        any_valid = (seq_mask.sum(dim=1, keepdim=True) > 0).to(q.dtype)  # (B, 1)
-        w = torch.softmax(logits, dim=-1) * any_valid[:, :, None]
-        interest = torch.matmul(w, v)
+        mask_add = (seq_mask[:, None, :] - 1.0) * (-_MASK_NEG)
+        any_valid = (seq_mask.sum(dim=1, keepdim=True) > 0).to(cand_emb.dtype)  # (B, 1)
         cn = F.normalize(cand_emb, dim=-1, eps=1e-6)
         sn = F.normalize(seq_emb, dim=-1, eps=1e-6)
         sims = torch.matmul(cn, sn.transpose(1, 2)) + (seq_mask[:, None, :] - 1.0) * 2.0
         max_sim = sims.max(dim=-1).values * any_valid
         side = torch.cat([ctx, cloud_z[..., None], max_sim[..., None]], dim=-1)
-        h = torch.relu(self.mlp_in(torch.cat([q, interest, q * interest, side], dim=-1)))
-        taste = torch.matmul(cand_emb, patch[a:])
-        return self.mlp_out(h).squeeze(-1) + self.prior(side).squeeze(-1) + taste
+        return Encoded(cand_emb, q0, k.transpose(1, 2), v, mask_add, any_valid[:, :, None], side, self.prior(side).squeeze(-1))
+
+    def head(self, e: Encoded, patch: torch.Tensor) -> torch.Tensor:
+        """Scores (B, K) of encoded inputs under ``patch`` (``forward`` = ``head(encode(...), patch)``)."""
+        a = self.config.attn_dim
+        q = e.q0 + patch[:a]
+        h = self._hidden(q, e)
+        taste = torch.matmul(e.cand_emb, patch[a:])
+        return self.mlp_out(h).squeeze(-1) + e.prior + taste
+
+    def _hidden(self, q: torch.Tensor, e: Encoded) -> torch.Tensor:
+        return self.hidden(q, e.key_t, e.value, e.mask_add, e.any_valid, e.side)
+
+    def hidden(
+        self, q: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor, mask_add: torch.Tensor, any_valid: torch.Tensor, side: torch.Tensor
+    ) -> torch.Tensor:
+        """The MLP's hidden layer (B, K, hidden) for queries ``q`` (``Encoded`` supplies the rest).
+
+        Row-wise in B and K, so rows of many users may be stacked (personalization batches
+        devices this way); the one-output layers after it are not (see ``score_rows``).
+        """
+        logits = torch.matmul(q, key_t) * self._scale + mask_add
+        w = torch.softmax(logits, dim=-1) * any_valid
+        interest = torch.matmul(w, value)
+        return torch.relu(self.mlp_in(torch.cat([q, interest, q * interest, side], dim=-1)))
+
+    def score_rows(self, e: Encoded, patches: torch.Tensor, lengths: list[int] | None = None) -> list[torch.Tensor]:
+        """Row ``b``'s scores under its own patch ``patches[b]``: exactly ``forward`` on that row alone.
+
+        Everything but the two one-output layers and the taste product runs batched (``e.prior``
+        is not used: it is recomputed per row); those
+        run per row, because a one-output linear layer's rounding depends on where a row sits
+        in the batch (measured: batched and single scores differ in the last bit), and a
+        fleet's scores must not depend on which other devices re-scored at the same time.
+
+        Args:
+            e: ``encode`` of B rows with the same K (no padding: padding changes rounding too).
+            patches: (B, patch_dim).
+            lengths: unused rows beyond ``lengths[b]`` are dropped (default: all K).
+        """
+        a = self.config.attn_dim
+        q = e.q0 + patches[:, None, :a]
+        h = self._hidden(q, e)
+        out = []
+        for b in range(h.shape[0]):
+            hb = h[b : b + 1]
+            prior = self.prior(e.side[b : b + 1]).squeeze(-1)
+            s = self.mlp_out(hb).squeeze(-1) + prior + torch.matmul(e.cand_emb[b : b + 1], patches[b, a:])
+            out.append(s[0] if lengths is None else s[0, : lengths[b]])
+        return out
 
     # -- sizes and flat views (for budgets, encoders and aggregation) ------
     def num_parameters(self) -> int:

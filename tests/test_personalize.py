@@ -194,3 +194,54 @@ def test_holdout_gate_keeps_a_patch_only_if_the_newest_feedback_improves(shift: 
         assert torch.equal(patch, start)
     else:
         assert float(patch.norm()) > 0
+
+
+def test_patch_adam_matches_torch_adam_bit_for_bit():
+    """fine_tune_patch's PatchAdam is torch's Adam (defaults) without the optimizer machinery."""
+    from device_rerank.personalize import PatchAdam
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p0 = torch.randn(48, generator=gen)
+        a, b = p0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
+        ref, mine = torch.optim.Adam([a], lr=0.01), PatchAdam(b, lr=0.01)
+        for _ in range(30):
+            g = torch.randn(48, generator=gen) * 10.0 ** float(torch.randint(-6, 2, (1,), generator=gen))
+            a.grad = g.clone()
+            ref.step()
+            mine.step(g.clone())
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_fine_tune_patches_batched_equals_one_device_at_a_time() -> None:
+    """Batched personalization gives every device exactly its own fine_tune_patch result."""
+    import copy
+
+    from device_rerank.personalize import PatchJob, fine_tune_patch, fine_tune_patches
+
+    model = Reranker()
+    with torch.no_grad():
+        model.mlp_out.weight.normal_(0, 0.3)
+    jobs = []
+    for seed in range(6):
+        rng, items, taste, source = synthetic_user(seed)
+        cfg = DeviceConfig(personalize=PersonalizeConfig(lr=0.05, max_norm=1.0, holdout_groups=2 if seed % 2 else 0, batch_groups=8))
+        dev = Device(1, model, cfg, key=Keyring(b"k" * 32).key_for(1))
+        t = 0
+        for _ in range(3 + seed):  # buffers of different sizes, some above batch_groups (random batches)
+            t += 60_000
+            dev.fetch(source, 100, t)
+            ids = dev.ranking(t)[:20]
+            for i in ids:
+                dev.observe(t, int(i), EventKind.IMPRESSION)
+            for i in ids[np.argsort(-(items[ids] @ taste))[:2]]:
+                dev.observe(t, int(i), EventKind.CLICK)
+        patch = torch.randn(model.config.patch_dim) * 0.1 if seed % 3 else torch.zeros(model.config.patch_dim)
+        jobs.append(PatchJob(model, dev.buffer, patch, cfg.personalize, 3 + seed % 4, dev.rng))
+    alone = [fine_tune_patch(j.model, j.buffer, j.patch, j.config, j.steps, copy.deepcopy(j.rng)) for j in jobs]
+    together = fine_tune_patches(jobs)
+    assert any(len(j.buffer) > j.config.batch_groups + j.config.holdout_groups for j in jobs)
+    for (p1, l1), (p2, l2), j in zip(alone, together, jobs):
+        assert torch.equal(p1, p2)
+        assert (np.isnan(l1) and np.isnan(l2)) or l1 == l2
+        assert (p1 is j.patch) == (p2 is j.patch)

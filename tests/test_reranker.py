@@ -93,3 +93,71 @@ def test_onnx_parity(tmp_path: Path) -> None:
         got = ort.score(x, patch)
         assert got.shape == (k,)
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def _reference_forward(m: Reranker, cand_emb, cloud_z, ctx, seq_emb, seq_feat, seq_mask, patch):
+    """The forward pass as one function (before encode/head split it): the order of
+    operations every faster path must keep, since a gradient sums its terms in that order."""
+    import torch.nn.functional as F
+
+    a = m.config.attn_dim
+    q = m.query(cand_emb) + patch[:a]
+    k = m.key(seq_emb) + m.key_feat(seq_feat)
+    v = m.value(seq_emb)
+    logits = torch.matmul(q, k.transpose(1, 2)) * m._scale + (seq_mask[:, None, :] - 1.0) * 1e4
+    any_valid = (seq_mask.sum(dim=1, keepdim=True) > 0).to(q.dtype)
+    w = torch.softmax(logits, dim=-1) * any_valid[:, :, None]
+    interest = torch.matmul(w, v)
+    cn = F.normalize(cand_emb, dim=-1, eps=1e-6)
+    sn = F.normalize(seq_emb, dim=-1, eps=1e-6)
+    sims = torch.matmul(cn, sn.transpose(1, 2)) + (seq_mask[:, None, :] - 1.0) * 2.0
+    max_sim = sims.max(dim=-1).values * any_valid
+    side = torch.cat([ctx, cloud_z[..., None], max_sim[..., None]], dim=-1)
+    h = torch.relu(m.mlp_in(torch.cat([q, interest, q * interest, side], dim=-1)))
+    taste = torch.matmul(cand_emb, patch[a:])
+    return m.mlp_out(h).squeeze(-1) + m.prior(side).squeeze(-1) + taste
+
+
+def _random_inputs(gen: torch.Generator, b: int, k: int, m: Reranker) -> list[torch.Tensor]:
+    c = m.config
+    mask = (torch.rand(b, c.seq_len, generator=gen) > 0.3).float()
+    mask[0] = 0.0  # a user without history
+    return [
+        torch.randn(b, k, c.emb_dim, generator=gen),
+        torch.randn(b, k, generator=gen),
+        torch.randn(b, k, c.ctx_dim, generator=gen),
+        torch.randn(b, c.seq_len, c.emb_dim, generator=gen),
+        torch.randn(b, c.seq_len, c.seq_feat_dim, generator=gen),
+        mask,
+    ]
+
+
+def test_forward_and_its_gradients_match_the_reference_bit_for_bit() -> None:
+    m = trained_like(3)
+    gen = torch.Generator().manual_seed(0)
+    for b, k in ((1, 100), (16, 5), (3, 2), (1, 1)):
+        x = _random_inputs(gen, b, k, m)
+        patch = torch.randn(m.config.patch_dim, generator=gen)
+        outs, grads = [], []
+        for fn in (m.forward, lambda *a: _reference_forward(m, *a)):
+            cand, pp = x[0].clone().requires_grad_(True), patch.clone().requires_grad_(True)
+            o = fn(cand, *x[1:], pp)
+            outs.append(o)
+            grads.append(torch.autograd.grad(o.square().sum(), [*m.parameters(), cand, pp]))
+        assert torch.equal(outs[0], outs[1])
+        assert all(torch.equal(g0, g1) for g0, g1 in zip(*grads))
+
+
+def test_score_rows_is_forward_row_by_row_bit_for_bit() -> None:
+    """A device's scores must not depend on which other devices were scored with it."""
+    m = trained_like(1)
+    gen = torch.Generator().manual_seed(1)
+    for b, k in ((1, 100), (7, 100), (40, 97), (5, 4), (3, 13)):
+        x = _random_inputs(gen, b, k, m)
+        patches = torch.randn(b, m.config.patch_dim, generator=gen)
+        patches[::2] = 0.0
+        with torch.inference_mode():
+            rows = m.score_rows(m.encode(*x), patches)
+            for i in range(b):
+                alone = m(*(t[i : i + 1] for t in x), patches[i])[0]
+                assert torch.equal(rows[i], alone)

@@ -50,7 +50,7 @@ import torch
 
 from streams.candidates import Candidates
 from device_rerank.config import DeviceConfig, RerankerConfig
-from device_rerank.device import rescore_batched, time_single_rescore
+from device_rerank.device import rescore_devices, time_single_rescore
 from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, UpdateVerifier
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
@@ -237,43 +237,36 @@ def _run(
         if base_logs:
             simple.start_window(max(config.k * 4, 400))
 
-        # ---- test, then learn on the device side, event by event
+        # ---- test, then learn: baselines, bookkeeping and fleets without devices event by event
+        plain = [(ri, r) for ri, r in enumerate(runs) if not r.strategy.rerank]
+        rep_w = np.zeros(w1 - w0, dtype=bool)
+        lives: list[set[int] | None] = []
         for j in range(w0, w1):
-            u, t, it, kd, val = int(users[j]), int(ts[j]), int(items[j]), int(kinds[j]), float(vals[j])
+            u, t, it = int(users[j]), int(ts[j]), int(items[j])
             lv = live.at(t)
             live_set = lv[1] if lv is not None else None
+            lives.append(live_set)
             pos = bool(is_pos[j])
             if pos:
                 hist = engaged.setdefault(u, set())
-                rep = it in hist
+                rep = rep_w[j - w0] = it in hist
                 rel = relevant[j]
             if pos and base_logs:
                 tb = time.perf_counter()
                 for name, ranking in simple.rankings(u, t, live_set, None if repeat_domain else hist).items():
                     base_logs[name].add(u, t, ranking, it, rep, rel)
                 timings["baselines_s"] += time.perf_counter() - tb
-            td = time.perf_counter()
-            # phase 1: fetches (cloud calls) and the syncs and uploads that go with them
-            if pos and fetch[j]:
-                for ri, r in enumerate(runs):
-                    r.fleet.receive(u, t, served[ri][j], bool(sync[j]), tag=j)
-            # phase 2: one batched forward per shared model for every device that must re-score
-            if pos:
-                devs = [r.fleet.device(u) for r in runs]
-                rescore_batched([d for d in devs if d is not None], t, live_set)
-                # phase 3: test (the ranking the user sees now), then learn
-                for ri, r in enumerate(runs):
-                    dev = devs[ri]
-                    if dev is not None and len(r.log) % config.latency_sample_every == 0:
-                        r.latencies.append(time_single_rescore(dev, t))
+            if pos and plain:
+                td = time.perf_counter()
+                for ri, r in plain:
+                    if fetch[j]:
+                        r.fleet.receive(u, t, served[ri][j], bool(sync[j]), tag=j)
                     ranking = r.fleet.ranking(u, t, live_set, None if repeat_domain else hist)
                     r.log.add(u, t, ranking[: max(config.ks)], it, rep, rel)
                     ca = r.fleet.cached_at.get(u)
                     if ca is not None:
                         r.list_age_ms.append(t - ca)
-            for r in runs:
-                r.fleet.observe(u, t, it, kd, val, pos, tag=j)
-            timings["devices_s"] += time.perf_counter() - td
+                timings["devices_s"] += time.perf_counter() - td
             if pos:
                 engaged[u].add(it)
                 if base_logs:
@@ -287,6 +280,13 @@ def _run(
                 if d is None:
                     d = sessions[u] = deque(maxlen=session_len)
                 d.append((it, t))
+        # ---- fleets with devices: each device's events in order, batched across devices
+        td = time.perf_counter()
+        devs = [(ri, r) for ri, r in enumerate(runs) if r.strategy.rerank]
+        if devs:
+            window = _Window(w0, users[w0:w1], ts[w0:w1], items[w0:w1], kinds[w0:w1], vals[w0:w1], is_pos[w0:w1], fetch[w0:w1], sync[w0:w1], lives)
+            _device_window(window, devs, served, rep_w, relevant, config)
+        timings["devices_s"] += time.perf_counter() - td
 
         # ---- the cloud ingests the window (after every prediction in it)
         t0 = time.perf_counter()
@@ -312,7 +312,7 @@ def _run(
             for r in runs:
                 updates: list[DecodedUpdate] = []
                 r.verifier.current_model_version = r.cloud.version
-                for raw, sent_at in r.fleet.take_outbox():
+                for raw, sent_at in sorted(r.fleet.take_outbox(), key=lambda x: x[1]):  # event order (stable)
                     try:
                         updates.append(r.verifier.verify(raw))
                         r.update_staleness.append(w1 - sent_at)
@@ -378,6 +378,93 @@ def _run(
     )
     logger.info("prequential replay done in %.1fs (%s)", wall, {k: round(v, 1) for k, v in timings.items()})
     return out
+
+
+@dataclass
+class _Window:
+    """One mini-batch of events (window-relative arrays) and the live view at each."""
+
+    w0: int
+    users: np.ndarray
+    ts: np.ndarray
+    items: np.ndarray
+    kinds: np.ndarray
+    vals: np.ndarray
+    is_pos: np.ndarray
+    fetch: np.ndarray
+    sync: np.ndarray
+    lives: list[set[int] | None]
+
+    def waves(self) -> list[list[int]]:
+        """Window offsets grouped by each user's n-th event here: wave n holds every user's
+        n-th event, in event order. A device sees its own events in order; devices are
+        independent within a window (the served lists and shared reranker are fixed)."""
+        seen: dict[int, int] = {}
+        out: list[list[int]] = []
+        for o, u in enumerate(self.users.tolist()):
+            n = seen.get(u, 0)
+            seen[u] = n + 1
+            if n == len(out):
+                out.append([])
+            out[n].append(o)
+        return out
+
+
+def _device_window(
+    w: _Window,
+    runs: list[tuple[int, _Run]],
+    served: dict[int, dict[int, Candidates]],
+    rep_w: np.ndarray,
+    relevant: Sequence[set[int] | None],
+    config: EvalConfig,
+) -> None:
+    """Test, then learn, for the fleets with devices over one window, wave by wave.
+
+    Same results as replaying the window event by event: every device handles its own
+    events in order (fetch and sync, re-score, the ranking tested, then the action), and
+    nothing a device does reads another device's state. What changes is the batching:
+    the re-scores of a wave (up to one per device) run as one forward pass per shared
+    model and list length (``rescore_devices``), and the syncs' personalization steps as
+    one forward and backward pass per step (``StrategyFleet.receive_many``). Points are logged in event order, and
+    uploads are put back in event order before each round (their tag is the event index).
+    """
+    w0, maxk, every = w.w0, max(config.ks), config.latency_sample_every
+    n_pos_before = np.cumsum(w.is_pos) - w.is_pos  # points logged in this window before each event
+    logged0 = {ri: len(r.log) for ri, r in runs}
+    shown: dict[tuple[int, int], tuple[np.ndarray, float | None, int | None]] = {}
+    for wave in w.waves():
+        pos_wave = [o for o in wave if w.is_pos[o]]
+        fetches = [o for o in pos_wave if w.fetch[o]]
+        for ri, r in runs:  # phase 1: fetches and the syncs (personalization batched) and uploads that go with them
+            r.fleet.receive_many([(int(w.users[o]), int(w.ts[o]), served[ri][w0 + o], bool(w.sync[o]), w0 + o) for o in fetches])
+        # phase 2: one forward per shared model and list length for every device that must re-score
+        reqs = []
+        for _, r in runs:
+            for o in pos_wave:
+                dev = r.fleet.device(int(w.users[o]))
+                if dev is not None:
+                    reqs.append((dev, int(w.ts[o]), w.lives[o]))
+        rescore_devices(reqs)
+        for ri, r in runs:  # phase 3: test (the ranking the user sees now), then learn
+            for o in pos_wave:
+                u, t = int(w.users[o]), int(w.ts[o])
+                dev = r.fleet.device(u)
+                lat = None
+                if dev is not None and (logged0[ri] + int(n_pos_before[o])) % every == 0:
+                    lat = time_single_rescore(dev, t)
+                ranking = r.fleet.ranking(u, t, w.lives[o], None)  # a device applies its own consumed filter
+                shown[ri, o] = (ranking[:maxk], lat, r.fleet.cached_at.get(u))
+            for o in wave:
+                r.fleet.observe(int(w.users[o]), int(w.ts[o]), int(w.items[o]), int(w.kinds[o]), float(w.vals[o]), bool(w.is_pos[o]), tag=w0 + o)
+    for ri, r in runs:
+        for o in np.flatnonzero(w.is_pos).tolist():
+            ranking, lat, ca = shown[ri, o]
+            u, t = int(w.users[o]), int(w.ts[o])
+            if lat is not None:
+                r.latencies.append(lat)
+            r.log.add(u, t, ranking, int(w.items[o]), bool(rep_w[o]), relevant[w0 + o])
+            if ca is not None:
+                r.list_age_ms.append(t - ca)
 
 
 def _fusion_weights(cloud: CloudModel) -> dict[str, float]:

@@ -8,13 +8,13 @@ ships them (to a round in process, or to the ``device-updates`` topic).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from streams.candidates import Candidates
 from device_rerank.config import DeviceConfig
-from device_rerank.device import Device
+from device_rerank.device import Device, personalize_devices
 from device_rerank.envelope import Keyring
 from device_rerank.reranker import Reranker
 from tandem.strategies.base import Strategy
@@ -102,22 +102,37 @@ class StrategyFleet:
     def receive(self, user_id: int, ts_ms: int, cands: Candidates, sync: bool, tag: int = 0) -> None:
         """A fetch came back. At a sync the device also takes the newest reranker,
         personalizes and considers fetch-time uploads; a page fetch only refreshes the list."""
-        u, t, s = int(user_id), int(ts_ms), self.strategy
-        self.cached_at[u] = t
-        if not s.rerank:
-            self.cached[u] = cands.item_ids
-            self.bytes_down += int(cands.item_ids.nbytes + cands.scores.nbytes)
-            return
-        dev = self.devices.get(u) or self._new_device(u)
-        if sync and dev.model is not self.reranker:
-            dev.set_model(self.reranker, self.model_version)
-            self.bytes_down += self.model_nbytes
-        dev.receive(cands, t)
-        self.bytes_down += cands.nbytes
-        if sync:
-            if s.personalize_steps and dev.history.n - self.last_personalize_n.get(u, 0) >= self.min_new:
-                dev.personalize(s.personalize_steps)
-                self.last_personalize_n[u] = dev.history.n
+        self.receive_many([(user_id, ts_ms, cands, sync, tag)])
+
+    def receive_many(self, fetches: Sequence[tuple[int, int, Candidates, bool, int]]) -> None:
+        """``receive`` for fetches ``(user_id, ts_ms, cands, sync, tag)`` of different users.
+
+        The same as receiving them one by one (devices are independent), but the syncs'
+        personalization runs batched across devices (``personalize_devices``).
+        """
+        s = self.strategy
+        syncs: list[tuple[Device, int, int]] = []
+        for user_id, ts_ms, cands, sync, tag in fetches:
+            u, t = int(user_id), int(ts_ms)
+            self.cached_at[u] = t
+            if not s.rerank:
+                self.cached[u] = cands.item_ids
+                self.bytes_down += int(cands.item_ids.nbytes + cands.scores.nbytes)
+                continue
+            dev = self.devices.get(u) or self._new_device(u)
+            if sync and dev.model is not self.reranker:
+                dev.set_model(self.reranker, self.model_version)
+                self.bytes_down += self.model_nbytes
+            dev.receive(cands, t)
+            self.bytes_down += cands.nbytes
+            if sync:
+                syncs.append((dev, t, tag))
+        if s.personalize_steps:
+            due = [dev for dev, _, _ in syncs if dev.history.n - self.last_personalize_n.get(dev.device_id, 0) >= self.min_new]
+            personalize_devices(due, s.personalize_steps)
+            for dev in due:
+                self.last_personalize_n[dev.device_id] = dev.history.n
+        for dev, t, tag in syncs:
             self._maybe_upload(dev, "fetch", t, tag)
 
     def ranking(self, user_id: int, ts_ms: int, live: set[int] | None, consumed: set[int] | None) -> np.ndarray:
