@@ -167,7 +167,8 @@ class DeviceConfig:
         exclude_consumed: drop items already engaged with (feeds) instead of boosting repeats (live).
         inject_live_recall: add recently engaged items that are live now but absent from the cloud list.
         max_injected: at most this many injected items per ranking.
-        inject_cloud_z: cloud score (z-units) given to injected items.
+        inject_cloud_z: cloud score (z-units) given to injected items (0: neutral; -1 before, which sank
+            a favourite that just went live below most of the list).
         recency_horizon_s: ``freshness`` reaches 0 at this age.
         interest_half_life_s: half-life of engagement weight in the user-interest vector.
         example_buffer: engagement groups kept for personalization and updates.
@@ -189,7 +190,7 @@ class DeviceConfig:
     exclude_consumed: bool = False
     inject_live_recall: bool = True
     max_injected: int = 5
-    inject_cloud_z: float = -1.0
+    inject_cloud_z: float = 0.0
     recency_horizon_s: float = 7 * 86_400.0
     interest_half_life_s: float = 86_400.0
     example_buffer: int = 64

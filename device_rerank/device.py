@@ -283,6 +283,8 @@ class Device:
                 if it in in_list or it in self.hidden or it not in self._live:
                     continue
                 e = self.cache.get(it)
+                if e is None:  # never in a list while live: no cloud vector, the similarity terms stay 0
+                    e = np.zeros(self.model.config.emb_dim, dtype=np.float32)
                 if e is not None:
                     extra_ids.append(it)
                     extra_emb.append(e)

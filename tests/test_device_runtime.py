@@ -105,6 +105,20 @@ def test_live_filter_and_on_device_recall(world) -> None:
     assert watched not in set(dev2.ranking(2_000, live=live).tolist())
 
 
+def test_recall_injects_a_live_favourite_that_was_never_in_a_cloud_list(world) -> None:
+    """A stream watched while it was offline in every fetched list has no cached vector; it is
+    still re-injected when it goes live (its similarity terms are 0, its cloud score neutral)."""
+    _, dev, _ = world
+    fresh = Device(9, dev.model, DeviceConfig())
+    fresh.receive(dev.cands, 0)
+    never = 999_999
+    assert never not in set(dev.cands.item_ids.tolist()) and fresh.cache.get(never) is None
+    fresh.observe(1_000, never, EventKind.LIVE_ENTER)
+    live = set(dev.cands.item_ids.tolist()) | {never}
+    assert never in set(fresh.ranking(2_000, live=live).tolist())
+    assert never not in set(fresh.ranking(2_000, live=live - {never}).tolist())
+
+
 def test_history_is_bounded_and_dwell_attaches_to_engagement(world) -> None:
     _, dev, _ = world
     r = dev.ranking(0)
