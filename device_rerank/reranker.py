@@ -95,20 +95,14 @@ class Reranker(nn.Module):
         """
         return self.head(self.encode(cand_emb, cloud_z, ctx, seq_emb, seq_feat, seq_mask), patch)
 
-    def encode(
-        self,
-        cand_emb: torch.Tensor,
-        cloud_z: torch.Tensor,
-        ctx: torch.Tensor,
-        seq_emb: torch.Tensor,
-        seq_feat: torch.Tensor,
-        seq_mask: torch.Tensor,
-    ) -> Encoded:
-        """Everything of ``forward`` that does not depend on the patch (same arguments, no patch).
+    def encode(self, *inputs: torch.Tensor) -> Encoded:
+        """Everything of ``forward`` that does not depend on the patch: ``forward``'s six inputs
+        (``cand_emb, cloud_z, ctx, seq_emb, seq_feat, seq_mask``), no patch.
 
         On-device fine-tuning changes only the patch, so it encodes a fixed batch once and runs
         ``head`` per step: the same operations on the same values as ``forward`` each step.
         """
+        cand_emb, cloud_z, ctx, seq_emb, seq_feat, seq_mask = inputs
         q0 = self.query(cand_emb)  # first: a gradient w.r.t. cand_emb sums its uses in forward's order
         k = self.key(seq_emb) + self.key_feat(seq_feat)
         v = self.value(seq_emb)
