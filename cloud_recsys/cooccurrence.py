@@ -15,7 +15,7 @@ query touches at most ``neighbours`` entries per session item.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -82,7 +82,8 @@ class ItemToItem:
                 if len(ids) > self.neighbours:
                     top = np.argpartition(-sc, self.neighbours - 1)[: self.neighbours]
                     ids, sc = ids[top], sc[top]
-                hit = (ids, sc)
+                order = np.argsort(ids)  # by id: a one-item query is its own sorted result
+                hit = (ids[order], sc[order])
             self._cache[key] = hit
         return hit
 
@@ -111,6 +112,29 @@ class ItemToItem:
         uniq, inv = np.unique(ids, return_inverse=True)
         return uniq, np.bincount(inv, weights=sc)
 
+    def scores_many(self, sessions: Sequence[np.ndarray], direction: int = 0, query_len: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``scores`` for many sessions at once, bit for bit: one sort and one ``bincount``
+        for the batch (each (session, item) bin sums its terms in the order ``scores`` does)."""
+        req: list[int] = []
+        parts_i: list[np.ndarray] = []
+        parts_s: list[np.ndarray] = []
+        for j, recent in enumerate(sessions):
+            seen: set[int] = set()
+            r = 0
+            for it in reversed(np.asarray(recent, dtype=np.int64).tolist()):
+                if it in seen:
+                    continue
+                seen.add(it)
+                r += 1
+                ids, sc = self.neighbours_of(it, direction)
+                if len(ids):
+                    parts_i.append(ids)
+                    parts_s.append(sc / r)
+                    req.append(j)
+                if r >= query_len:
+                    break
+        return _group_sum(len(sessions), req, parts_i, parts_s)
+
     def top(self, recent: np.ndarray, k: int, query_len: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best (ids, scores) after the session's recent items (forward direction), best first."""
         ids, sc = self.scores(recent, 0, query_len)
@@ -125,3 +149,39 @@ class ItemToItem:
         self.backward = {int(a): {int(b): float(c) for b, c in row.items()} for a, row in state["backward"].items()}
         self._last = {int(u): deque([(int(i), int(t)) for i, t in v], maxlen=self.window) for u, v in state["last"].items()}
         self._cache = {}
+
+
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
+
+
+def _group_sum(n: int, req: list[int], parts_i: list[np.ndarray], parts_s: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per group j < n: (sorted unique ids, summed values) of the parts whose ``req`` is j.
+
+    Equals ``np.unique`` + ``np.bincount`` per group: the terms of one (group, id) bin are
+    added in the order of the parts, as there. Parts must be in non-decreasing group order;
+    ids must be non-negative.
+    """
+    if not parts_i:
+        return [_EMPTY] * n
+    ids = np.concatenate(parts_i)
+    sc = np.concatenate(parts_s)
+    if len(ids) == 0:
+        return [_EMPTY] * n
+    grp = np.repeat(np.asarray(req, np.int64), [len(p) for p in parts_i])
+    span = int(ids.max()) + 1
+    if ids.min() < 0 or n * span >= 2**62:  # keys would not fit: one group at a time
+        out = []
+        for j in range(n):
+            sel = grp == j
+            if not sel.any():
+                out.append(_EMPTY)
+                continue
+            u, inv = np.unique(ids[sel], return_inverse=True)
+            out.append((u, np.bincount(inv, weights=sc[sel])))
+        return out
+    uniq, inv = np.unique(grp * span + ids, return_inverse=True)
+    total = np.bincount(inv, weights=sc)
+    g = uniq // span
+    item = uniq - g * span
+    bounds = np.searchsorted(g, np.arange(n + 1))
+    return [(item[a:b], total[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]

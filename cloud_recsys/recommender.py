@@ -202,6 +202,8 @@ class CloudRecommender:
         return len(self.raw)
 
     def _rows(self, raw: np.ndarray, add: bool = False) -> np.ndarray:
+        if not add:
+            return self._find_rows(raw)
         out = np.empty(len(raw), np.int64)
         for j, r in enumerate(np.asarray(raw).tolist()):
             row = self.row_of.get(r)
@@ -213,6 +215,24 @@ class CloudRecommender:
                 self.raw.append(r)
             out[j] = row
         return out
+
+    def _find_rows(self, raw: np.ndarray) -> np.ndarray:
+        """Rows of raw ids, -1 where unknown: a binary search in the sorted raw ids (kept until
+        a row is added) instead of a dict lookup per id."""
+        raw = np.asarray(raw)
+        if raw.dtype.kind not in "iu":  # not integers: the dict decides, as ever
+            return np.fromiter((self.row_of.get(r, -1) for r in raw.tolist()), np.int64, len(raw))
+        n = len(self.raw)
+        if getattr(self, "_map_n", -1) != n:
+            keys = np.asarray(self.raw, np.int64)
+            order = np.argsort(keys, kind="stable")
+            self._map_keys, self._map_rows, self._map_n = keys[order], order.astype(np.int64), n
+        keys = self._map_keys
+        if len(raw) == 0 or len(keys) == 0:
+            return np.full(len(raw), -1, np.int64)
+        q = raw.astype(np.int64)
+        pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        return np.where(keys[pos] == q, self._map_rows[pos], -1)
 
     def raw_ids(self, rows: np.ndarray) -> np.ndarray:
         """Raw item ids of recommender rows."""
@@ -351,8 +371,18 @@ class CloudRecommender:
         tt_hits = self._two_tower_search(requests, qs, index, n_rows, mask_cache)
         trend_cache: dict[int, np.ndarray] = {}
         res: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        sessions = [r.session.item_ids for r in requests]
+        # the channels for the whole batch at once (each equals its per-session call)
+        i2i_fs = self.i2i.scores_many(sessions, 0)
+        i2i_bs = self.i2i.scores_many(sessions, 1)
+        i2i_ls = self.i2i.scores_many(sessions, 0, query_len=1)
+        knns = self.sknn.scores_many(sessions, [r.user_id for r in requests])
+        lens = [len(x) for x in sessions]
+        all_sess_rows = self._rows(np.concatenate(sessions).astype(np.int64, copy=False)) if sum(lens) else np.zeros(0, np.int64)
+        sess_bounds = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        all_ok = np.ones(n_rows, bool)  # read-only: requests without exclusions share it
         for j, req in enumerate(requests):
-            ok = np.ones(n_rows, bool)
+            ok = all_ok
             if req.allowed is not None:
                 key = id(req.allowed)
                 m = mask_cache.get(key)
@@ -361,11 +391,12 @@ class CloudRecommender:
                     m = np.zeros(n_rows, bool)
                     m[ar[(ar >= 0) & (ar < n_rows)]] = True
                     mask_cache[key] = m
-                ok = m.copy()
+                ok = m
             if req.exclude:
+                ok = ok.copy()
                 er = self._rows(np.fromiter(req.exclude, np.int64, len(req.exclude)))
                 ok[er[(er >= 0) & (er < n_rows)]] = False
-            sess_rows = self._rows(req.session.item_ids)
+            sess_rows = all_sess_rows[sess_bounds[j] : sess_bounds[j + 1]]
             q_ok = bool(np.any(qs[j])) if qs is not None else False
             parts: list[np.ndarray] = []
             if q_ok:
@@ -377,10 +408,7 @@ class CloudRecommender:
                 iv_scores = vec[:n_rows] @ iv
                 s = np.where(ok & has_vec, iv_scores, -np.inf)
                 parts.append(top_indices(s, min(cfg.two_tower_k // 2, int(np.isfinite(s).sum()))))
-            i2i_f = self.i2i.scores(req.session.item_ids, 0)
-            i2i_b = self.i2i.scores(req.session.item_ids, 1)
-            i2i_l = self.i2i.scores(req.session.item_ids, 0, query_len=1)
-            knn = self.sknn.scores(req.session.item_ids, req.user_id)
+            i2i_f, i2i_b, i2i_l, knn = i2i_fs[j], i2i_bs[j], i2i_ls[j], knns[j]
             for ids_, sc_, kk in ((*i2i_f, cfg.i2i_k), (*i2i_b, cfg.i2i_k), (*knn, cfg.sknn_k)):
                 if len(ids_):
                     r_ = self._rows(ids_)
@@ -403,6 +431,7 @@ class CloudRecommender:
             cand = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
             m = len(cand)
             f = np.zeros((m, N_FEATURES), np.float32)
+            raw_c = raw[cand]
             if m:
                 if q_ok:
                     t = np.where(has_vec[cand], vec[cand] @ qs[j], 0.0)
@@ -411,19 +440,19 @@ class CloudRecommender:
                     f[:, _F["interest"]] = _z(iv_scores[cand])
                 for name, (ids_, sc_) in (("i2i_after", i2i_f), ("i2i_before", i2i_b), ("i2i_last", i2i_l), ("sknn", knn)):
                     if len(ids_):
-                        f[:, _F[name]] = np.log1p(50.0 * _lookup(raw[cand], ids_, sc_))
+                        f[:, _F[name]] = np.log1p(50.0 * _lookup(raw_c, ids_, sc_))
                 if len(i2i_f[0]):
                     ids_, sc_ = i2i_f
                     order = np.lexsort((ids_, -sc_))
                     rank = np.empty(len(ids_), np.float64)
                     rank[order] = np.arange(len(ids_))
-                    f[:, _F["i2i_rank"]] = _lookup(raw[cand], ids_, 1.0 / (1.0 + rank))
+                    f[:, _F["i2i_rank"]] = _lookup(raw_c, ids_, 1.0 / (1.0 + rank))
                 f[:, _F["pop_day"]] = pops[0][cand]
                 f[:, _F["pop_week"]] = pops[1][cand]
                 f[:, _F["pop_all"]] = pops[2][cand]
                 if len(sess_rows):
                     _session_features(f, cand, sess_rows, req.session.ts_ms, req.at_ms)
-            res.append((f, raw[cand], cand, q_ok or len(sess_rows) > 0))
+            res.append((f, raw_c, cand, q_ok or len(sess_rows) > 0))
         return res
 
     def _two_tower_search(
@@ -499,8 +528,7 @@ def _z(x: np.ndarray) -> np.ndarray:
 
 def _lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     """values[keys == id] per id (0 where absent); ``keys`` sorted unique."""
-    pos = np.searchsorted(keys, ids)
-    pos = np.clip(pos, 0, len(keys) - 1)
+    pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
     hit = keys[pos] == ids
     return np.where(hit, values[pos], 0.0)
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from collections import deque
 from itertools import chain
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
+from cloud_recsys.cooccurrence import _group_sum
 
 
 class SessionKNN:
@@ -147,6 +149,54 @@ class SessionKNN:
         sc = np.bincount(inv, weights=votes)
         total = float(sc.sum())
         return items, (sc / total if total > 0 else sc)
+
+    def scores_many(self, sessions: Sequence[np.ndarray], user_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``scores(sessions[j], user_ids[j])`` for every j, bit for bit, with one sort and one
+        ``bincount`` per stage for the whole batch instead of two per session."""
+        n = len(sessions)
+        req: list[int] = []
+        sids: list[np.ndarray] = []
+        w: list[np.ndarray] = []
+        for j, recent in enumerate(sessions):
+            q: list[int] = []
+            for it in reversed(np.asarray(recent, np.int64).tolist()):
+                if it not in q:
+                    q.append(it)
+                    if len(q) >= self.query_len:
+                        break
+            m = len(q)
+            for r, it in enumerate(q):
+                s = self._sessions_with(it)
+                if len(s):
+                    sids.append(s)
+                    w.append(np.full(len(s), (m - r) / m))
+                    req.append(j)
+        neigh = _group_sum(n, req, sids, w)
+        oldest = self._order[0] if self._order else self._next
+        req2: list[int] = []
+        items: list[np.ndarray] = []
+        votes: list[np.ndarray] = []
+        for j, (uniq, sim) in enumerate(neigh):
+            if len(uniq) == 0:
+                continue
+            ok = (uniq >= oldest) & (self._user_of[uniq] != int(user_ids[j]))
+            uniq, sim = uniq[ok], sim[ok]
+            if len(uniq) == 0:
+                continue
+            if len(uniq) > self.k:
+                top = np.lexsort((-uniq, -sim))[: self.k]  # ties: the more recent session
+                uniq, sim = uniq[top], sim[top]
+            lists = [self.items_of[s] for s in uniq.tolist()]
+            items.append(np.fromiter(chain.from_iterable(lists), np.int64))
+            votes.append(np.repeat(sim, [len(x) for x in lists]))
+            req2.append(j)
+        out = []
+        for ids, sc in _group_sum(n, req2, items, votes):
+            if len(ids):
+                total = float(sc.sum())
+                sc = sc / total if total > 0 else sc
+            out.append((ids, sc))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {

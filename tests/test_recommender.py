@@ -245,3 +245,35 @@ def test_interest_vector_is_a_further_recall_channel() -> None:
     far_id = int(rec.raw_ids(np.array([far]))[0])
     assert far_id not in before.item_ids.tolist() and far_id in after.item_ids.tolist()
     assert set(before.item_ids.tolist()) <= set(after.item_ids.tolist())
+
+
+def test_batched_channels_equal_per_session_calls_bit_for_bit() -> None:
+    """``ItemToItem.scores_many`` / ``SessionKNN.scores_many`` and the recommender's row map
+    equal their one-at-a-time references exactly (ids, dtypes and every float bit)."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    users = rng.integers(0, 40, n)
+    items = rng.integers(0, 120, n) * 7 + 5  # sparse raw ids
+    ts = np.sort(rng.integers(0, 10 * 3_600_000, n))
+    i2i, knn = ItemToItem(3, 30 * 60_000, neighbours=8), SessionKNN(k=5, sample_size=20, session_gap_ms=30 * 60_000)
+    i2i.update(users, items, ts)
+    knn.update(users, items, ts)
+    sessions = [rng.choice(items, size=int(rng.integers(0, 12))) for _ in range(60)] + [np.array([999_999])]
+    who = rng.integers(0, 40, len(sessions)).tolist()
+
+    def same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> None:
+        assert a[0].dtype == b[0].dtype and a[1].dtype == b[1].dtype
+        assert a[0].tolist() == b[0].tolist() and a[1].tobytes() == b[1].tobytes()
+
+    for direction, qlen in ((0, 3), (1, 3), (0, 1)):
+        for s, got in zip(sessions, i2i.scores_many(sessions, direction, qlen)):
+            same(got, i2i.scores(s, direction, qlen))
+    for s, u, got in zip(sessions, who, knn.scores_many(sessions, who)):
+        same(got, knn.scores(s, u))
+
+    rec = CloudRecommender(RecommenderConfig(two_tower=TwoTowerConfig(num_users=50, num_items=900, embedding_dim=8, out_dim=8)))
+    rec._rows(items, add=True)
+    probe = np.concatenate([items[:50], [1, 2, 999_999], items[-5:]])
+    assert rec._rows(probe).tolist() == [rec.row_of.get(int(r), -1) for r in probe]
+    rec._rows(np.array([123_456]), add=True)  # a new row: the map follows
+    assert rec._rows(np.array([123_456, 1])).tolist() == [rec.n_rows - 1, -1]
