@@ -380,6 +380,10 @@ class CloudRecommender:
         lens = [len(x) for x in sessions]
         all_sess_rows = self._rows(np.concatenate(sessions).astype(np.int64, copy=False)) if sum(lens) else np.zeros(0, np.int64)
         sess_bounds = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        flat = [_flatten(c) for c in (i2i_fs, i2i_bs, i2i_ls, knns)]  # (ids, scores, request bounds)
+        chan_rows = [self._rows(ids) for ids, _, _ in flat]
+        cands: list[np.ndarray] = []
+        kept: list[tuple[bool, np.ndarray | None, np.ndarray]] = []
         all_ok = np.ones(n_rows, bool)  # read-only: requests without exclusions share it
         for j, req in enumerate(requests):
             ok = all_ok
@@ -408,12 +412,12 @@ class CloudRecommender:
                 iv_scores = vec[:n_rows] @ iv
                 s = np.where(ok & has_vec, iv_scores, -np.inf)
                 parts.append(top_indices(s, min(cfg.two_tower_k // 2, int(np.isfinite(s).sum()))))
-            i2i_f, i2i_b, i2i_l, knn = i2i_fs[j], i2i_bs[j], i2i_ls[j], knns[j]
-            for ids_, sc_, kk in ((*i2i_f, cfg.i2i_k), (*i2i_b, cfg.i2i_k), (*knn, cfg.sknn_k)):
-                if len(ids_):
-                    r_ = self._rows(ids_)
+            for c, kk in ((0, cfg.i2i_k), (1, cfg.i2i_k), (3, cfg.sknn_k)):
+                lo, hi = flat[c][2][j], flat[c][2][j + 1]
+                if hi > lo:
+                    r_, sc2 = chan_rows[c][lo:hi], flat[c][1][lo:hi]
                     good = (r_ >= 0) & (r_ < n_rows)
-                    r_, sc2 = r_[good], sc_[good]
+                    r_, sc2 = r_[good], sc2[good]
                     good = ok[r_]
                     r_, sc2 = r_[good], sc2[good]
                     parts.append(r_[np.lexsort((r_, -sc2))][:kk])
@@ -428,31 +432,41 @@ class CloudRecommender:
             parts.append(tr)
             sr = sess_rows[(sess_rows >= 0) & (sess_rows < n_rows)]
             parts.append(sr[ok[sr]])
-            cand = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-            m = len(cand)
-            f = np.zeros((m, N_FEATURES), np.float32)
-            raw_c = raw[cand]
-            if m:
+            cands.append(np.unique(np.concatenate(parts)))
+            kept.append((q_ok, iv_scores, sess_rows))
+        # features of every request's merged candidates at once (elementwise, as per request)
+        cb = np.concatenate([[0], np.cumsum([len(c) for c in cands])]).tolist() if cands else [0]
+        cand_all = np.concatenate(cands).astype(np.int64, copy=False) if cands else np.zeros(0, np.int64)
+        raw_all = raw[cand_all]
+        grp_c = np.repeat(np.arange(len(cands)), np.diff(cb))
+        f_all = np.zeros((len(cand_all), N_FEATURES), np.float32)
+        for name, c in (("i2i_after", 0), ("i2i_before", 1), ("i2i_last", 2), ("sknn", 3)):
+            ids_, sc_, bounds = flat[c]
+            if len(ids_):
+                f_all[:, _F[name]] = np.log1p(50.0 * _lookup_grouped(grp_c, raw_all, ids_, bounds, sc_))
+        ids_, sc_, bounds = flat[0]
+        if len(ids_):
+            grp = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+            order = np.lexsort((ids_, -sc_, grp))  # by request, then as each request's own order
+            rank = np.empty(len(ids_), np.float64)
+            rank[order] = np.arange(len(ids_)) - np.asarray(bounds, np.int64)[grp[order]]
+            f_all[:, _F["i2i_rank"]] = _lookup_grouped(grp_c, raw_all, ids_, bounds, 1.0 / (1.0 + rank))
+        f_all[:, _F["pop_day"]] = pops[0][cand_all]
+        f_all[:, _F["pop_week"]] = pops[1][cand_all]
+        f_all[:, _F["pop_all"]] = pops[2][cand_all]
+        for j, req in enumerate(requests):
+            q_ok, iv_scores, sess_rows = kept[j]
+            cand = cands[j]
+            f = f_all[cb[j] : cb[j + 1]]
+            if len(cand):
                 if q_ok:
                     t = np.where(has_vec[cand], vec[cand] @ qs[j], 0.0)
                     f[:, _F["two_tower_z"]] = _z(t)
                 if iv_scores is not None:
                     f[:, _F["interest"]] = _z(iv_scores[cand])
-                for name, (ids_, sc_) in (("i2i_after", i2i_f), ("i2i_before", i2i_b), ("i2i_last", i2i_l), ("sknn", knn)):
-                    if len(ids_):
-                        f[:, _F[name]] = np.log1p(50.0 * _lookup(raw_c, ids_, sc_))
-                if len(i2i_f[0]):
-                    ids_, sc_ = i2i_f
-                    order = np.lexsort((ids_, -sc_))
-                    rank = np.empty(len(ids_), np.float64)
-                    rank[order] = np.arange(len(ids_))
-                    f[:, _F["i2i_rank"]] = _lookup(raw_c, ids_, 1.0 / (1.0 + rank))
-                f[:, _F["pop_day"]] = pops[0][cand]
-                f[:, _F["pop_week"]] = pops[1][cand]
-                f[:, _F["pop_all"]] = pops[2][cand]
                 if len(sess_rows):
                     _session_features(f, cand, sess_rows, req.session.ts_ms, req.at_ms)
-            res.append((f, raw_c, cand, q_ok or len(sess_rows) > 0))
+            res.append((f.copy(), raw_all[cb[j] : cb[j + 1]], cand, q_ok or len(sess_rows) > 0))
         return res
 
     def _two_tower_search(
@@ -531,6 +545,33 @@ def _lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray
     pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
     hit = keys[pos] == ids
     return np.where(hit, values[pos], 0.0)
+
+
+def _flatten(per_request: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Per-request (ids, scores) as one (ids, scores) pair and the requests' bounds in it."""
+    bounds = np.concatenate([[0], np.cumsum([len(i) for i, _ in per_request])]).astype(np.int64).tolist()
+    if bounds[-1] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64), bounds
+    return np.concatenate([i for i, _ in per_request]), np.concatenate([s for _, s in per_request]), bounds
+
+
+def _lookup_grouped(grp: np.ndarray, ids: np.ndarray, keys: np.ndarray, bounds: list[int], values: np.ndarray) -> np.ndarray:
+    """``_lookup`` per request: ``ids`` of request ``grp`` looked up in ``keys[bounds[g]:bounds[g+1]]``
+    (each sorted unique), with one binary search for all requests."""
+    out = np.zeros(len(ids), np.float64)
+    if len(ids) == 0 or len(keys) == 0:
+        return out
+    span = int(max(ids.max(), keys.max())) + 1
+    n = len(bounds) - 1
+    if min(int(ids.min()), int(keys.min())) < 0 or n * span >= 2**62:  # keys would not fit: per request
+        for g in range(n):
+            lo, hi = bounds[g], bounds[g + 1]
+            sel = grp == g
+            if hi > lo and sel.any():
+                out[sel] = _lookup(ids[sel], keys[lo:hi], values[lo:hi])
+        return out
+    kg = np.repeat(np.arange(n, dtype=np.int64), np.diff(bounds)) * span + keys
+    return _lookup(grp * span + ids, kg, values)
 
 
 def _session_features(f: np.ndarray, cand: np.ndarray, sess_rows: np.ndarray, sess_ts: np.ndarray, now: int) -> None:

@@ -277,3 +277,18 @@ def test_batched_channels_equal_per_session_calls_bit_for_bit() -> None:
     assert rec._rows(probe).tolist() == [rec.row_of.get(int(r), -1) for r in probe]
     rec._rows(np.array([123_456]), add=True)  # a new row: the map follows
     assert rec._rows(np.array([123_456, 1])).tolist() == [rec.n_rows - 1, -1]
+
+
+def test_lookup_grouped_equals_lookup_per_request() -> None:
+    from cloud_recsys.recommender import _lookup, _lookup_grouped
+
+    rng = np.random.default_rng(5)
+    for hi in (50, 2**61):  # keys that fit one search, and ones that take the per-request path
+        groups = [np.unique(rng.integers(0, hi, int(rng.integers(0, 9)))) for _ in range(7)]
+        vals = [rng.random(len(g)) for g in groups]
+        bounds = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64).tolist()
+        cands = [np.concatenate([g[:2], rng.integers(0, hi, 3)]) for g in groups]
+        grp = np.repeat(np.arange(7), [len(c) for c in cands])
+        got = _lookup_grouped(grp, np.concatenate(cands), np.concatenate(groups), bounds, np.concatenate(vals))
+        want = np.concatenate([_lookup(c, g, v) if len(g) else np.zeros(len(c)) for c, g, v in zip(cands, groups, vals)])
+        assert got.tobytes() == want.tobytes()
