@@ -115,6 +115,11 @@ class ItemToItem:
     def scores_many(self, sessions: Sequence[np.ndarray], direction: int = 0, query_len: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
         """``scores`` for many sessions at once, bit for bit: one sort and one ``bincount``
         for the batch (each (session, item) bin sums its terms in the order ``scores`` does)."""
+        ids, sc, bounds = self.scores_flat(sessions, direction, query_len)
+        return [(ids[a:b], sc[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def scores_flat(self, sessions: Sequence[np.ndarray], direction: int = 0, query_len: int = 3) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``scores_many`` as one (ids, scores) pair, session j's at ``bounds[j]:bounds[j + 1]``."""
         req: list[int] = []
         parts_i: list[np.ndarray] = []
         parts_s: list[np.ndarray] = []
@@ -133,7 +138,7 @@ class ItemToItem:
                     req.append(j)
                 if r >= query_len:
                     break
-        return _group_sum(len(sessions), req, parts_i, parts_s)
+        return _group_sum_flat(len(sessions), req, parts_i, parts_s)
 
     def top(self, recent: np.ndarray, k: int, query_len: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best (ids, scores) after the session's recent items (forward direction), best first."""
@@ -161,27 +166,29 @@ def _group_sum(n: int, req: list[int], parts_i: list[np.ndarray], parts_s: list[
     added in the order of the parts, as there. Parts must be in non-decreasing group order;
     ids must be non-negative.
     """
-    if not parts_i:
-        return [_EMPTY] * n
-    ids = np.concatenate(parts_i)
-    sc = np.concatenate(parts_s)
+    ids, total, bounds = _group_sum_flat(n, req, parts_i, parts_s)
+    return [(ids[a:b], total[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _group_sum_flat(n: int, req: list[int], parts_i: list[np.ndarray], parts_s: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """``_group_sum`` as one (ids, values) pair, group j at ``bounds[j]:bounds[j + 1]``."""
+    ids = np.concatenate(parts_i) if parts_i else _EMPTY[0]
     if len(ids) == 0:
-        return [_EMPTY] * n
+        return _EMPTY[0], _EMPTY[1], [0] * (n + 1)
+    sc = np.concatenate(parts_s)
     grp = np.repeat(np.asarray(req, np.int64), [len(p) for p in parts_i])
     span = int(ids.max()) + 1
     if ids.min() < 0 or n * span >= 2**62:  # keys would not fit: one group at a time
-        out = []
+        out_i, out_s, bounds = [], [], [0]
         for j in range(n):
             sel = grp == j
-            if not sel.any():
-                out.append(_EMPTY)
-                continue
-            u, inv = np.unique(ids[sel], return_inverse=True)
-            out.append((u, np.bincount(inv, weights=sc[sel])))
-        return out
+            if sel.any():
+                u, inv = np.unique(ids[sel], return_inverse=True)
+                out_i.append(u)
+                out_s.append(np.bincount(inv, weights=sc[sel]))
+            bounds.append(bounds[-1] + (len(out_i[-1]) if sel.any() else 0))
+        return np.concatenate(out_i), np.concatenate(out_s), bounds
     uniq, inv = np.unique(grp * span + ids, return_inverse=True)
     total = np.bincount(inv, weights=sc)
     g = uniq // span
-    item = uniq - g * span
-    bounds = np.searchsorted(g, np.arange(n + 1))
-    return [(item[a:b], total[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    return uniq - g * span, total, np.searchsorted(g, np.arange(n + 1)).tolist()

@@ -373,14 +373,15 @@ class CloudRecommender:
         res: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
         sessions = [r.session.item_ids for r in requests]
         # the channels for the whole batch at once (each equals its per-session call)
-        i2i_fs = self.i2i.scores_many(sessions, 0)
-        i2i_bs = self.i2i.scores_many(sessions, 1)
-        i2i_ls = self.i2i.scores_many(sessions, 0, query_len=1)
-        knns = self.sknn.scores_many(sessions, [r.user_id for r in requests])
+        flat = [  # (ids, scores, request bounds) of i2i after, before, last, and session kNN
+            self.i2i.scores_flat(sessions, 0),
+            self.i2i.scores_flat(sessions, 1),
+            self.i2i.scores_flat(sessions, 0, query_len=1),
+            self.sknn.scores_flat(sessions, [r.user_id for r in requests]),
+        ]
         lens = [len(x) for x in sessions]
         all_sess_rows = self._rows(np.concatenate(sessions).astype(np.int64, copy=False)) if sum(lens) else np.zeros(0, np.int64)
         sess_bounds = np.concatenate([[0], np.cumsum(lens)]).tolist()
-        flat = [_flatten(c) for c in (i2i_fs, i2i_bs, i2i_ls, knns)]  # (ids, scores, request bounds)
         chan_rows = [self._rows(ids) for ids, _, _ in flat]
         cands: list[np.ndarray] = []
         kept: list[tuple[bool, np.ndarray | None, np.ndarray]] = []
@@ -545,14 +546,6 @@ def _lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray
     pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
     hit = keys[pos] == ids
     return np.where(hit, values[pos], 0.0)
-
-
-def _flatten(per_request: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Per-request (ids, scores) as one (ids, scores) pair and the requests' bounds in it."""
-    bounds = np.concatenate([[0], np.cumsum([len(i) for i, _ in per_request])]).astype(np.int64).tolist()
-    if bounds[-1] == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float64), bounds
-    return np.concatenate([i for i, _ in per_request]), np.concatenate([s for _, s in per_request]), bounds
 
 
 def _lookup_grouped(grp: np.ndarray, ids: np.ndarray, keys: np.ndarray, bounds: list[int], values: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cloud_recsys.cooccurrence import _group_sum
+from cloud_recsys.cooccurrence import _EMPTY, _group_sum, _group_sum_flat
 
 
 class SessionKNN:
@@ -153,6 +153,11 @@ class SessionKNN:
     def scores_many(self, sessions: Sequence[np.ndarray], user_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``scores(sessions[j], user_ids[j])`` for every j, bit for bit, with one sort and one
         ``bincount`` per stage for the whole batch instead of two per session."""
+        ids, sc, bounds = self.scores_flat(sessions, user_ids)
+        return [(ids[a:b], sc[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def scores_flat(self, sessions: Sequence[np.ndarray], user_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``scores_many`` as one (ids, scores) pair, session j's at ``bounds[j]:bounds[j + 1]``."""
         n = len(sessions)
         req: list[int] = []
         sids: list[np.ndarray] = []
@@ -190,13 +195,12 @@ class SessionKNN:
             items.append(np.fromiter(chain.from_iterable(lists), np.int64))
             votes.append(np.repeat(sim, [len(x) for x in lists]))
             req2.append(j)
-        out = []
-        for ids, sc in _group_sum(n, req2, items, votes):
-            if len(ids):
-                total = float(sc.sum())
-                sc = sc / total if total > 0 else sc
-            out.append((ids, sc))
-        return out
+        ids, sc, bounds = _group_sum_flat(n, req2, items, votes)
+        if len(ids):
+            total = [float(sc[a:b].sum()) if b > a else 1.0 for a, b in zip(bounds[:-1], bounds[1:])]
+            total = [t if t > 0 else 1.0 for t in total]  # x / 1.0 == x: a zero sum leaves the scores as they are
+            sc = sc / np.repeat(np.asarray(total, np.float64), np.diff(bounds))
+        return ids, sc, bounds
 
     def state_dict(self) -> dict[str, Any]:
         return {

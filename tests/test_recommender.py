@@ -250,10 +250,15 @@ def test_interest_vector_is_a_further_recall_channel() -> None:
 def test_batched_channels_equal_per_session_calls_bit_for_bit() -> None:
     """``ItemToItem.scores_many`` / ``SessionKNN.scores_many`` and the recommender's row map
     equal their one-at-a-time references exactly (ids, dtypes and every float bit)."""
+    for scale in (7, 2**50):  # sparse raw ids; huge ones take the per-session fallback
+        _check_batched_channels(scale)
+
+
+def _check_batched_channels(scale: int) -> None:
     rng = np.random.default_rng(3)
     n = 3000
     users = rng.integers(0, 40, n)
-    items = rng.integers(0, 120, n) * 7 + 5  # sparse raw ids
+    items = rng.integers(0, 120, n) * scale + 5
     ts = np.sort(rng.integers(0, 10 * 3_600_000, n))
     i2i, knn = ItemToItem(3, 30 * 60_000, neighbours=8), SessionKNN(k=5, sample_size=20, session_gap_ms=30 * 60_000)
     i2i.update(users, items, ts)
