@@ -170,13 +170,17 @@ def _group_sum(n: int, req: list[int], parts_i: list[np.ndarray], parts_s: list[
     return [(ids[a:b], total[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _group_sum_flat(n: int, req: list[int], parts_i: list[np.ndarray], parts_s: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """``_group_sum`` as one (ids, values) pair, group j at ``bounds[j]:bounds[j + 1]``."""
+def _group_sum_flat(
+    n: int, req: Sequence[int] | np.ndarray, parts_i: list[np.ndarray], parts_s: list[np.ndarray], flat: bool = False
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """``_group_sum`` as one (ids, values) pair, group j at ``bounds[j]:bounds[j + 1]``.
+
+    ``flat``: ``req`` already gives the group of every id (not of every part)."""
     ids = np.concatenate(parts_i) if parts_i else _EMPTY[0]
     if len(ids) == 0:
         return _EMPTY[0], _EMPTY[1], [0] * (n + 1)
     sc = np.concatenate(parts_s)
-    grp = np.repeat(np.asarray(req, np.int64), [len(p) for p in parts_i])
+    grp = np.asarray(req, np.int64) if flat else np.repeat(np.asarray(req, np.int64), [len(p) for p in parts_i])
     span = int(ids.max()) + 1
     if ids.min() < 0 or n * span >= 2**62:  # keys would not fit: one group at a time
         out_i, out_s, bounds = [], [], [0]

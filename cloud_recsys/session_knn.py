@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cloud_recsys.cooccurrence import _EMPTY, _group_sum, _group_sum_flat
+from cloud_recsys.cooccurrence import _EMPTY, _group_sum_flat
 
 
 class SessionKNN:
@@ -161,7 +161,7 @@ class SessionKNN:
         n = len(sessions)
         req: list[int] = []
         sids: list[np.ndarray] = []
-        w: list[np.ndarray] = []
+        w: list[float] = []
         for j, recent in enumerate(sessions):
             q: list[int] = []
             for it in reversed(np.asarray(recent, np.int64).tolist()):
@@ -174,28 +174,31 @@ class SessionKNN:
                 s = self._sessions_with(it)
                 if len(s):
                     sids.append(s)
-                    w.append(np.full(len(s), (m - r) / m))
+                    w.append((m - r) / m)
                     req.append(j)
-        neigh = _group_sum(n, req, sids, w)
+        lens = [len(s) for s in sids]
+        uniq, sim, b1 = _group_sum_flat(n, req, sids, [np.repeat(np.asarray(w, np.float64), lens)] if sids else [])
+        if len(uniq) == 0:
+            return _EMPTY[0], _EMPTY[1], [0] * (n + 1)
+        # the neighbour sessions of every request: not too old, not the user's own; by request
+        grp = np.repeat(np.arange(n, dtype=np.int64), np.diff(b1))
         oldest = self._order[0] if self._order else self._next
-        req2: list[int] = []
-        items: list[np.ndarray] = []
-        votes: list[np.ndarray] = []
-        for j, (uniq, sim) in enumerate(neigh):
-            if len(uniq) == 0:
-                continue
-            ok = (uniq >= oldest) & (self._user_of[uniq] != int(user_ids[j]))
-            uniq, sim = uniq[ok], sim[ok]
-            if len(uniq) == 0:
-                continue
-            if len(uniq) > self.k:
-                top = np.lexsort((-uniq, -sim))[: self.k]  # ties: the more recent session
-                uniq, sim = uniq[top], sim[top]
-            lists = [self.items_of[s] for s in uniq.tolist()]
-            items.append(np.fromiter(chain.from_iterable(lists), np.int64))
-            votes.append(np.repeat(sim, [len(x) for x in lists]))
-            req2.append(j)
-        ids, sc, bounds = _group_sum_flat(n, req2, items, votes)
+        ok = (uniq >= oldest) & (self._user_of[uniq] != np.asarray(user_ids, np.int64)[grp])
+        uniq, sim, grp = uniq[ok], sim[ok], grp[ok]
+        cnt = np.bincount(grp, minlength=n)
+        big = cnt > self.k
+        if big.any():  # more than k: the k most similar, ties to the more recent session, in that order
+            order = np.lexsort((-uniq, -sim, grp))
+            rank = np.arange(len(order)) - (np.cumsum(cnt) - cnt)[grp[order]]
+            sel = np.concatenate([order[big[grp[order]] & (rank < self.k)], np.flatnonzero(~big[grp])])
+            sel = sel[np.argsort(grp[sel], kind="stable")]
+            uniq, sim, grp = uniq[sel], sim[sel], grp[sel]
+        lists = [self.items_of[s] for s in uniq.tolist()]
+        lens = [len(x) for x in lists]
+        items = [np.fromiter(chain.from_iterable(lists), np.int64)]
+        votes = [np.repeat(sim, lens)]
+        req2 = np.repeat(grp, lens)
+        ids, sc, bounds = _group_sum_flat(n, req2, items, votes, flat=True)
         if len(ids):
             total = [float(sc[a:b].sum()) if b > a else 1.0 for a, b in zip(bounds[:-1], bounds[1:])]
             total = [t if t > 0 else 1.0 for t in total]  # x / 1.0 == x: a zero sum leaves the scores as they are
