@@ -386,7 +386,8 @@ class CloudRecommender:
         cands: list[np.ndarray] = []
         kept: list[tuple[bool, np.ndarray | None, np.ndarray]] = []
         all_ok = np.ones(n_rows, bool)  # read-only: requests without exclusions share it
-        for j, req in enumerate(requests):
+        oks: list[np.ndarray] = []
+        for req in requests:
             ok = all_ok
             if req.allowed is not None:
                 key = id(req.allowed)
@@ -401,6 +402,10 @@ class CloudRecommender:
                 ok = ok.copy()
                 er = self._rows(np.fromiter(req.exclude, np.int64, len(req.exclude)))
                 ok[er[(er >= 0) & (er < n_rows)]] = False
+            oks.append(ok)
+        chan_top = [_channel_top(flat[c][1], flat[c][2], chan_rows[c], oks, n_rows, kk) for c, kk in ((0, cfg.i2i_k), (1, cfg.i2i_k), (3, cfg.sknn_k))]
+        for j, req in enumerate(requests):
+            ok = oks[j]
             sess_rows = all_sess_rows[sess_bounds[j] : sess_bounds[j + 1]]
             q_ok = bool(np.any(qs[j])) if qs is not None else False
             parts: list[np.ndarray] = []
@@ -413,15 +418,7 @@ class CloudRecommender:
                 iv_scores = vec[:n_rows] @ iv
                 s = np.where(ok & has_vec, iv_scores, -np.inf)
                 parts.append(top_indices(s, min(cfg.two_tower_k // 2, int(np.isfinite(s).sum()))))
-            for c, kk in ((0, cfg.i2i_k), (1, cfg.i2i_k), (3, cfg.sknn_k)):
-                lo, hi = flat[c][2][j], flat[c][2][j + 1]
-                if hi > lo:
-                    r_, sc2 = chan_rows[c][lo:hi], flat[c][1][lo:hi]
-                    good = (r_ >= 0) & (r_ < n_rows)
-                    r_, sc2 = r_[good], sc2[good]
-                    good = ok[r_]
-                    r_, sc2 = r_[good], sc2[good]
-                    parts.append(r_[np.lexsort((r_, -sc2))][:kk])
+            parts += [top_rows[tb[j] : tb[j + 1]] for top_rows, tb in chan_top]
             key = id(req.allowed) if req.allowed is not None else -1
             tr = trend_cache.get(key) if not req.exclude else None
             if tr is None:
@@ -546,6 +543,41 @@ def _lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray
     pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
     hit = keys[pos] == ids
     return np.where(hit, values[pos], 0.0)
+
+
+def _channel_top(
+    scores: np.ndarray, bounds: list[int], rows: np.ndarray, oks: list[np.ndarray], n_rows: int, k: int
+) -> tuple[np.ndarray, list[int]]:
+    """A recall channel's contribution for every request at once: of request j's (rows, scores)
+    at ``bounds[j]:bounds[j + 1]``, the known rows that ``oks[j]`` allows, best ``k`` by score,
+    ties to the lower row; as one array with the requests' bounds in it."""
+    n = len(oks)
+    grp = np.repeat(np.arange(n, dtype=np.int64), np.diff(bounds))
+    keep = (rows >= 0) & (rows < n_rows)
+    if n_rows and len(rows):
+        r = np.where(keep, rows, 0)
+        by_mask: dict[int, list[int]] = {}  # requests by mask object (shared per allowed set)
+        for j, ok in enumerate(oks):
+            by_mask.setdefault(id(ok), []).append(j)
+        if len(by_mask) == 1:
+            keep &= oks[0][r]
+        else:
+            allowed = np.zeros(len(rows), bool)
+            for js in by_mask.values():
+                ok = oks[js[0]]
+                if len(js) == 1:
+                    lo, hi = bounds[js[0]], bounds[js[0] + 1]
+                    allowed[lo:hi] = ok[r[lo:hi]]
+                else:
+                    sel = np.isin(grp, js)
+                    allowed[sel] = ok[r[sel]]
+            keep &= allowed
+    r, s, g = rows[keep], scores[keep], grp[keep]
+    order = np.lexsort((r, -s, g))
+    cnt = np.bincount(g, minlength=n)
+    rank = np.arange(len(order)) - (np.cumsum(cnt) - cnt)[g[order]]
+    took = np.minimum(cnt, k)
+    return r[order[rank < k]], np.concatenate([[0], np.cumsum(took)]).astype(np.int64).tolist()
 
 
 def _lookup_grouped(grp: np.ndarray, ids: np.ndarray, keys: np.ndarray, bounds: list[int], values: np.ndarray) -> np.ndarray:

@@ -297,3 +297,21 @@ def test_lookup_grouped_equals_lookup_per_request() -> None:
         got = _lookup_grouped(grp, np.concatenate(cands), np.concatenate(groups), bounds, np.concatenate(vals))
         want = np.concatenate([_lookup(c, g, v) if len(g) else np.zeros(len(c)) for c, g, v in zip(cands, groups, vals)])
         assert got.tobytes() == want.tobytes()
+
+
+def test_channel_top_equals_per_request_filter_and_sort() -> None:
+    from cloud_recsys.recommender import _channel_top
+
+    rng = np.random.default_rng(9)
+    n_rows, k = 40, 5
+    shared = rng.random(n_rows) < 0.7
+    oks = [shared, shared, np.ones(n_rows, bool), rng.random(n_rows) < 0.5, shared]
+    per = [rng.permutation(np.arange(-3, 50))[: int(rng.integers(0, 12))] for _ in oks]  # unknown (-1..) and new rows too
+    scs = [np.round(rng.random(len(p)), 1) for p in per]  # ties
+    bounds = np.concatenate([[0], np.cumsum([len(p) for p in per])]).astype(np.int64).tolist()
+    got, tb = _channel_top(np.concatenate(scs), bounds, np.concatenate(per).astype(np.int64), oks, n_rows, k)
+    for j, (r_, sc, ok) in enumerate(zip(per, scs, oks)):
+        good = (r_ >= 0) & (r_ < n_rows)
+        r_, sc = r_[good], sc[good]
+        r_, sc = r_[ok[r_]], sc[ok[r_]]
+        assert got[tb[j] : tb[j + 1]].tolist() == r_[np.lexsort((r_, -sc))][:k].tolist()
