@@ -610,27 +610,20 @@ def _session_features(f: np.ndarray, cand: np.ndarray, sess_rows: np.ndarray, se
         last_ts[r] = t
         if j >= n - 16:
             count16[r] = count16.get(r, 0) + 1
-    pos = _positions(cand, list(last_ts))
-    for (r, t), j in zip(last_ts.items(), pos):
-        if j < 0:
+    pos = {int(c): j for j, c in enumerate(cand.tolist())}
+    for r, t in last_ts.items():
+        j = pos.get(r)
+        if j is None:
             continue
         age = max(0.0, float(now - t))
         f[j, _F["rep16"]] = math.log1p(count16.get(r, 0))
         f[j, _F["recency_10m"]] = math.exp(-age / 600_000.0)
         f[j, _F["recency_1h"]] = math.exp(-age / 3_600_000.0)
         f[j, _F["recency_1d"]] = math.exp(-age / DAY_MS)
-    j = _positions(cand, [int(sess_rows[-1])])[0]
-    if j >= 0:
+    last = int(sess_rows[-1])
+    j = pos.get(last)
+    if j is not None:
         f[j, _F["is_last"]] = 1.0
-
-
-def _positions(cand: np.ndarray, rows: list[int]) -> list[int]:
-    """Index of each row in ``cand`` (sorted unique), -1 where absent."""
-    if not rows or len(cand) == 0:
-        return [-1] * len(rows)
-    q = np.asarray(rows, np.int64)
-    pos = np.minimum(np.searchsorted(cand, q), len(cand) - 1)
-    return np.where(cand[pos] == q, pos, -1).tolist()
 
 
 def build_recommender(
