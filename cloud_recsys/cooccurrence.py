@@ -118,27 +118,29 @@ class ItemToItem:
         ids, sc, bounds = self.scores_flat(sessions, direction, query_len)
         return [(ids[a:b], sc[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def scores_flat(self, sessions: Sequence[np.ndarray], direction: int = 0, query_len: int = 3) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """``scores_many`` as one (ids, scores) pair, session j's at ``bounds[j]:bounds[j + 1]``."""
+    def scores_flat(
+        self, sessions: Sequence[np.ndarray], direction: int = 0, query_len: int = 3, distinct: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``scores_many`` as one (ids, scores) pair, session j's at ``bounds[j]:bounds[j + 1]``.
+
+        ``distinct``: ``recent_distinct(sessions, n)`` with n >= ``query_len``, if already at hand."""
+        if distinct is None:
+            distinct = recent_distinct(sessions, query_len)
         req: list[int] = []
         parts_i: list[np.ndarray] = []
-        parts_s: list[np.ndarray] = []
-        for j, recent in enumerate(sessions):
-            seen: set[int] = set()
-            r = 0
-            for it in reversed(np.asarray(recent, dtype=np.int64).tolist()):
-                if it in seen:
-                    continue
-                seen.add(it)
-                r += 1
+        rank: list[int] = []
+        for j, items in enumerate(distinct):
+            for r, it in enumerate(items[:query_len], start=1):
                 ids, sc = self.neighbours_of(it, direction)
                 if len(ids):
                     parts_i.append(ids)
-                    parts_s.append(sc / r)
+                    parts_i.append(sc)
+                    rank.append(r)
                     req.append(j)
-                if r >= query_len:
-                    break
-        return _group_sum_flat(len(sessions), req, parts_i, parts_s)
+        ids_p, sc_p = parts_i[0::2], parts_i[1::2]
+        if sc_p:  # the r-th most recent item's frequencies / r, as scores does (one division for all)
+            sc_p = [np.concatenate(sc_p) / np.repeat(np.asarray(rank, np.float64), [len(x) for x in ids_p])]
+        return _group_sum_flat(len(sessions), req, ids_p, sc_p)
 
     def top(self, recent: np.ndarray, k: int, query_len: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best (ids, scores) after the session's recent items (forward direction), best first."""
@@ -157,6 +159,20 @@ class ItemToItem:
 
 
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
+
+
+def recent_distinct(sessions: Sequence[np.ndarray], n: int) -> list[list[int]]:
+    """Per session (item ids, oldest first): its ``n`` most recent distinct items, most recent first."""
+    out = []
+    for recent in sessions:
+        q: list[int] = []
+        for it in reversed(np.asarray(recent, dtype=np.int64).tolist()):
+            if it not in q:
+                q.append(it)
+                if len(q) >= n:
+                    break
+        out.append(q)
+    return out
 
 
 def _group_sum(n: int, req: list[int], parts_i: list[np.ndarray], parts_s: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cloud_recsys.config import TwoTowerConfig
-from cloud_recsys.cooccurrence import ItemToItem
+from cloud_recsys.cooccurrence import ItemToItem, recent_distinct
 from cloud_recsys.fusion import FEATURES, N_FEATURES, FusionConfig, FusionRanker
 from cloud_recsys.index import IndexConfig, ItemIndex
 from cloud_recsys.popularity import decay_weights
@@ -373,11 +373,12 @@ class CloudRecommender:
         res: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
         sessions = [r.session.item_ids for r in requests]
         # the channels for the whole batch at once (each equals its per-session call)
+        distinct = recent_distinct(sessions, max(3, self.sknn.query_len))
         flat = [  # (ids, scores, request bounds) of i2i after, before, last, and session kNN
-            self.i2i.scores_flat(sessions, 0),
-            self.i2i.scores_flat(sessions, 1),
-            self.i2i.scores_flat(sessions, 0, query_len=1),
-            self.sknn.scores_flat(sessions, [r.user_id for r in requests]),
+            self.i2i.scores_flat(sessions, 0, distinct=distinct),
+            self.i2i.scores_flat(sessions, 1, distinct=distinct),
+            self.i2i.scores_flat(sessions, 0, query_len=1, distinct=distinct),
+            self.sknn.scores_flat(sessions, [r.user_id for r in requests], distinct=distinct),
         ]
         lens = [len(x) for x in sessions]
         all_sess_rows = self._rows(np.concatenate(sessions).astype(np.int64, copy=False)) if sum(lens) else np.zeros(0, np.int64)

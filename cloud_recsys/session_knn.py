@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cloud_recsys.cooccurrence import _EMPTY, _group_sum_flat
+from cloud_recsys.cooccurrence import _EMPTY, _group_sum_flat, recent_distinct
 
 
 class SessionKNN:
@@ -156,19 +156,20 @@ class SessionKNN:
         ids, sc, bounds = self.scores_flat(sessions, user_ids)
         return [(ids[a:b], sc[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def scores_flat(self, sessions: Sequence[np.ndarray], user_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """``scores_many`` as one (ids, scores) pair, session j's at ``bounds[j]:bounds[j + 1]``."""
+    def scores_flat(
+        self, sessions: Sequence[np.ndarray], user_ids: Sequence[int], distinct: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``scores_many`` as one (ids, scores) pair, session j's at ``bounds[j]:bounds[j + 1]``.
+
+        ``distinct``: ``recent_distinct(sessions, n)`` with n >= ``query_len``, if already at hand."""
         n = len(sessions)
+        if distinct is None:
+            distinct = recent_distinct(sessions, self.query_len)
         req: list[int] = []
         sids: list[np.ndarray] = []
         w: list[float] = []
-        for j, recent in enumerate(sessions):
-            q: list[int] = []
-            for it in reversed(np.asarray(recent, np.int64).tolist()):
-                if it not in q:
-                    q.append(it)
-                    if len(q) >= self.query_len:
-                        break
+        for j, items in enumerate(distinct):
+            q = items[: self.query_len]
             m = len(q)
             for r, it in enumerate(q):
                 s = self._sessions_with(it)
