@@ -15,7 +15,7 @@ query touches at most ``neighbours`` entries per session item.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -82,7 +82,8 @@ class ItemToItem:
                 if len(ids) > self.neighbours:
                     top = np.argpartition(-sc, self.neighbours - 1)[: self.neighbours]
                     ids, sc = ids[top], sc[top]
-                hit = (ids, sc)
+                order = np.argsort(ids)  # by id: a one-item query is its own sorted result
+                hit = (ids[order], sc[order])
             self._cache[key] = hit
         return hit
 
@@ -111,6 +112,36 @@ class ItemToItem:
         uniq, inv = np.unique(ids, return_inverse=True)
         return uniq, np.bincount(inv, weights=sc)
 
+    def scores_many(self, sessions: Sequence[np.ndarray], direction: int = 0, query_len: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``scores`` for many sessions at once, bit for bit: one sort and one ``bincount``
+        for the batch (each (session, item) bin sums its terms in the order ``scores`` does)."""
+        ids, sc, bounds = self.scores_flat(sessions, direction, query_len)
+        return [(ids[a:b], sc[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def scores_flat(
+        self, sessions: Sequence[np.ndarray], direction: int = 0, query_len: int = 3, distinct: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``scores_many`` as one (ids, scores) pair, session j's at ``bounds[j]:bounds[j + 1]``.
+
+        ``distinct``: ``recent_distinct(sessions, n)`` with n >= ``query_len``, if already at hand."""
+        if distinct is None:
+            distinct = recent_distinct(sessions, query_len)
+        req: list[int] = []
+        parts_i: list[np.ndarray] = []
+        rank: list[int] = []
+        for j, items in enumerate(distinct):
+            for r, it in enumerate(items[:query_len], start=1):
+                ids, sc = self.neighbours_of(it, direction)
+                if len(ids):
+                    parts_i.append(ids)
+                    parts_i.append(sc)
+                    rank.append(r)
+                    req.append(j)
+        ids_p, sc_p = parts_i[0::2], parts_i[1::2]
+        if sc_p:  # the r-th most recent item's frequencies / r, as scores does (one division for all)
+            sc_p = [np.concatenate(sc_p) / np.repeat(np.asarray(rank, np.float64), [len(x) for x in ids_p])]
+        return _group_sum_flat(len(sessions), req, ids_p, sc_p)
+
     def top(self, recent: np.ndarray, k: int, query_len: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best (ids, scores) after the session's recent items (forward direction), best first."""
         ids, sc = self.scores(recent, 0, query_len)
@@ -125,3 +156,59 @@ class ItemToItem:
         self.backward = {int(a): {int(b): float(c) for b, c in row.items()} for a, row in state["backward"].items()}
         self._last = {int(u): deque([(int(i), int(t)) for i, t in v], maxlen=self.window) for u, v in state["last"].items()}
         self._cache = {}
+
+
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
+
+
+def recent_distinct(sessions: Sequence[np.ndarray], n: int) -> list[list[int]]:
+    """Per session (item ids, oldest first): its ``n`` most recent distinct items, most recent first."""
+    out = []
+    for recent in sessions:
+        q: list[int] = []
+        for it in reversed(np.asarray(recent, dtype=np.int64).tolist()):
+            if it not in q:
+                q.append(it)
+                if len(q) >= n:
+                    break
+        out.append(q)
+    return out
+
+
+def _group_sum(n: int, req: list[int], parts_i: list[np.ndarray], parts_s: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per group j < n: (sorted unique ids, summed values) of the parts whose ``req`` is j.
+
+    Equals ``np.unique`` + ``np.bincount`` per group: the terms of one (group, id) bin are
+    added in the order of the parts, as there. Parts must be in non-decreasing group order;
+    ids must be non-negative.
+    """
+    ids, total, bounds = _group_sum_flat(n, req, parts_i, parts_s)
+    return [(ids[a:b], total[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _group_sum_flat(
+    n: int, req: Sequence[int] | np.ndarray, parts_i: list[np.ndarray], parts_s: list[np.ndarray], flat: bool = False
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """``_group_sum`` as one (ids, values) pair, group j at ``bounds[j]:bounds[j + 1]``.
+
+    ``flat``: ``req`` already gives the group of every id (not of every part)."""
+    ids = np.concatenate(parts_i) if parts_i else _EMPTY[0]
+    if len(ids) == 0:
+        return _EMPTY[0], _EMPTY[1], [0] * (n + 1)
+    sc = np.concatenate(parts_s)
+    grp = np.asarray(req, np.int64) if flat else np.repeat(np.asarray(req, np.int64), [len(p) for p in parts_i])
+    span = int(ids.max()) + 1
+    if ids.min() < 0 or n * span >= 2**62:  # keys would not fit: one group at a time
+        out_i, out_s, bounds = [], [], [0]
+        for j in range(n):
+            sel = grp == j
+            if sel.any():
+                u, inv = np.unique(ids[sel], return_inverse=True)
+                out_i.append(u)
+                out_s.append(np.bincount(inv, weights=sc[sel]))
+            bounds.append(bounds[-1] + (len(out_i[-1]) if sel.any() else 0))
+        return np.concatenate(out_i), np.concatenate(out_s), bounds
+    uniq, inv = np.unique(grp * span + ids, return_inverse=True)
+    total = np.bincount(inv, weights=sc)
+    g = uniq // span
+    return uniq - g * span, total, np.searchsorted(g, np.arange(n + 1)).tolist()

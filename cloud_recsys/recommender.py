@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cloud_recsys.config import TwoTowerConfig
-from cloud_recsys.cooccurrence import ItemToItem
+from cloud_recsys.cooccurrence import ItemToItem, recent_distinct
 from cloud_recsys.fusion import FEATURES, N_FEATURES, FusionConfig, FusionRanker
 from cloud_recsys.index import IndexConfig, ItemIndex
 from cloud_recsys.popularity import decay_weights
@@ -202,6 +202,8 @@ class CloudRecommender:
         return len(self.raw)
 
     def _rows(self, raw: np.ndarray, add: bool = False) -> np.ndarray:
+        if not add:
+            return self._find_rows(raw)
         out = np.empty(len(raw), np.int64)
         for j, r in enumerate(np.asarray(raw).tolist()):
             row = self.row_of.get(r)
@@ -213,6 +215,24 @@ class CloudRecommender:
                 self.raw.append(r)
             out[j] = row
         return out
+
+    def _find_rows(self, raw: np.ndarray) -> np.ndarray:
+        """Rows of raw ids, -1 where unknown: a binary search in the sorted raw ids (kept until
+        a row is added) instead of a dict lookup per id."""
+        raw = np.asarray(raw)
+        if raw.dtype.kind not in "iu":  # not integers: the dict decides, as ever
+            return np.fromiter((self.row_of.get(r, -1) for r in raw.tolist()), np.int64, len(raw))
+        n = len(self.raw)
+        if getattr(self, "_map_n", -1) != n:
+            keys = np.asarray(self.raw, np.int64)
+            order = np.argsort(keys, kind="stable")
+            self._map_keys, self._map_rows, self._map_n = keys[order], order.astype(np.int64), n
+        keys = self._map_keys
+        if len(raw) == 0 or len(keys) == 0:
+            return np.full(len(raw), -1, np.int64)
+        q = raw.astype(np.int64)
+        pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        return np.where(keys[pos] == q, self._map_rows[pos], -1)
 
     def raw_ids(self, rows: np.ndarray) -> np.ndarray:
         """Raw item ids of recommender rows."""
@@ -351,8 +371,25 @@ class CloudRecommender:
         tt_hits = self._two_tower_search(requests, qs, index, n_rows, mask_cache)
         trend_cache: dict[int, np.ndarray] = {}
         res: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
-        for j, req in enumerate(requests):
-            ok = np.ones(n_rows, bool)
+        sessions = [r.session.item_ids for r in requests]
+        # the channels for the whole batch at once (each equals its per-session call)
+        distinct = recent_distinct(sessions, max(3, self.sknn.query_len))
+        flat = [  # (ids, scores, request bounds) of i2i after, before, last, and session kNN
+            self.i2i.scores_flat(sessions, 0, distinct=distinct),
+            self.i2i.scores_flat(sessions, 1, distinct=distinct),
+            self.i2i.scores_flat(sessions, 0, query_len=1, distinct=distinct),
+            self.sknn.scores_flat(sessions, [r.user_id for r in requests], distinct=distinct),
+        ]
+        lens = [len(x) for x in sessions]
+        all_sess_rows = self._rows(np.concatenate(sessions).astype(np.int64, copy=False)) if sum(lens) else np.zeros(0, np.int64)
+        sess_bounds = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        chan_rows = [self._rows(ids) for ids, _, _ in flat]
+        cands: list[np.ndarray] = []
+        kept: list[tuple[bool, np.ndarray | None, np.ndarray]] = []
+        all_ok = np.ones(n_rows, bool)  # read-only: requests without exclusions share it
+        oks: list[np.ndarray] = []
+        for req in requests:
+            ok = all_ok
             if req.allowed is not None:
                 key = id(req.allowed)
                 m = mask_cache.get(key)
@@ -361,11 +398,16 @@ class CloudRecommender:
                     m = np.zeros(n_rows, bool)
                     m[ar[(ar >= 0) & (ar < n_rows)]] = True
                     mask_cache[key] = m
-                ok = m.copy()
+                ok = m
             if req.exclude:
+                ok = ok.copy()
                 er = self._rows(np.fromiter(req.exclude, np.int64, len(req.exclude)))
                 ok[er[(er >= 0) & (er < n_rows)]] = False
-            sess_rows = self._rows(req.session.item_ids)
+            oks.append(ok)
+        chan_top = [_channel_top(flat[c][1], flat[c][2], chan_rows[c], oks, n_rows, kk) for c, kk in ((0, cfg.i2i_k), (1, cfg.i2i_k), (3, cfg.sknn_k))]
+        for j, req in enumerate(requests):
+            ok = oks[j]
+            sess_rows = all_sess_rows[sess_bounds[j] : sess_bounds[j + 1]]
             q_ok = bool(np.any(qs[j])) if qs is not None else False
             parts: list[np.ndarray] = []
             if q_ok:
@@ -377,18 +419,7 @@ class CloudRecommender:
                 iv_scores = vec[:n_rows] @ iv
                 s = np.where(ok & has_vec, iv_scores, -np.inf)
                 parts.append(top_indices(s, min(cfg.two_tower_k // 2, int(np.isfinite(s).sum()))))
-            i2i_f = self.i2i.scores(req.session.item_ids, 0)
-            i2i_b = self.i2i.scores(req.session.item_ids, 1)
-            i2i_l = self.i2i.scores(req.session.item_ids, 0, query_len=1)
-            knn = self.sknn.scores(req.session.item_ids, req.user_id)
-            for ids_, sc_, kk in ((*i2i_f, cfg.i2i_k), (*i2i_b, cfg.i2i_k), (*knn, cfg.sknn_k)):
-                if len(ids_):
-                    r_ = self._rows(ids_)
-                    good = (r_ >= 0) & (r_ < n_rows)
-                    r_, sc2 = r_[good], sc_[good]
-                    good = ok[r_]
-                    r_, sc2 = r_[good], sc2[good]
-                    parts.append(r_[np.lexsort((r_, -sc2))][:kk])
+            parts += [top_rows[tb[j] : tb[j + 1]] for top_rows, tb in chan_top]
             key = id(req.allowed) if req.allowed is not None else -1
             tr = trend_cache.get(key) if not req.exclude else None
             if tr is None:
@@ -400,30 +431,41 @@ class CloudRecommender:
             parts.append(tr)
             sr = sess_rows[(sess_rows >= 0) & (sess_rows < n_rows)]
             parts.append(sr[ok[sr]])
-            cand = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-            m = len(cand)
-            f = np.zeros((m, N_FEATURES), np.float32)
-            if m:
+            cands.append(np.unique(np.concatenate(parts)))
+            kept.append((q_ok, iv_scores, sess_rows))
+        # features of every request's merged candidates at once (elementwise, as per request)
+        cb = np.concatenate([[0], np.cumsum([len(c) for c in cands])]).tolist() if cands else [0]
+        cand_all = np.concatenate(cands).astype(np.int64, copy=False) if cands else np.zeros(0, np.int64)
+        raw_all = raw[cand_all]
+        grp_c = np.repeat(np.arange(len(cands)), np.diff(cb))
+        f_all = np.zeros((len(cand_all), N_FEATURES), np.float32)
+        for name, c in (("i2i_after", 0), ("i2i_before", 1), ("i2i_last", 2), ("sknn", 3)):
+            ids_, sc_, bounds = flat[c]
+            if len(ids_):
+                f_all[:, _F[name]] = np.log1p(50.0 * _lookup_grouped(grp_c, raw_all, ids_, bounds, sc_))
+        ids_, sc_, bounds = flat[0]
+        if len(ids_):
+            grp = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+            order = np.lexsort((ids_, -sc_, grp))  # by request, then as each request's own order
+            rank = np.empty(len(ids_), np.float64)
+            rank[order] = np.arange(len(ids_)) - np.asarray(bounds, np.int64)[grp[order]]
+            f_all[:, _F["i2i_rank"]] = _lookup_grouped(grp_c, raw_all, ids_, bounds, 1.0 / (1.0 + rank))
+        f_all[:, _F["pop_day"]] = pops[0][cand_all]
+        f_all[:, _F["pop_week"]] = pops[1][cand_all]
+        f_all[:, _F["pop_all"]] = pops[2][cand_all]
+        for j, req in enumerate(requests):
+            q_ok, iv_scores, sess_rows = kept[j]
+            cand = cands[j]
+            f = f_all[cb[j] : cb[j + 1]]
+            if len(cand):
                 if q_ok:
                     t = np.where(has_vec[cand], vec[cand] @ qs[j], 0.0)
                     f[:, _F["two_tower_z"]] = _z(t)
                 if iv_scores is not None:
                     f[:, _F["interest"]] = _z(iv_scores[cand])
-                for name, (ids_, sc_) in (("i2i_after", i2i_f), ("i2i_before", i2i_b), ("i2i_last", i2i_l), ("sknn", knn)):
-                    if len(ids_):
-                        f[:, _F[name]] = np.log1p(50.0 * _lookup(raw[cand], ids_, sc_))
-                if len(i2i_f[0]):
-                    ids_, sc_ = i2i_f
-                    order = np.lexsort((ids_, -sc_))
-                    rank = np.empty(len(ids_), np.float64)
-                    rank[order] = np.arange(len(ids_))
-                    f[:, _F["i2i_rank"]] = _lookup(raw[cand], ids_, 1.0 / (1.0 + rank))
-                f[:, _F["pop_day"]] = pops[0][cand]
-                f[:, _F["pop_week"]] = pops[1][cand]
-                f[:, _F["pop_all"]] = pops[2][cand]
                 if len(sess_rows):
                     _session_features(f, cand, sess_rows, req.session.ts_ms, req.at_ms)
-            res.append((f, raw[cand], cand, q_ok or len(sess_rows) > 0))
+            res.append((f.copy(), raw_all[cb[j] : cb[j + 1]], cand, q_ok or len(sess_rows) > 0))
         return res
 
     def _two_tower_search(
@@ -499,10 +541,63 @@ def _z(x: np.ndarray) -> np.ndarray:
 
 def _lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     """values[keys == id] per id (0 where absent); ``keys`` sorted unique."""
-    pos = np.searchsorted(keys, ids)
-    pos = np.clip(pos, 0, len(keys) - 1)
+    pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
     hit = keys[pos] == ids
     return np.where(hit, values[pos], 0.0)
+
+
+def _channel_top(
+    scores: np.ndarray, bounds: list[int], rows: np.ndarray, oks: list[np.ndarray], n_rows: int, k: int
+) -> tuple[np.ndarray, list[int]]:
+    """A recall channel's contribution for every request at once: of request j's (rows, scores)
+    at ``bounds[j]:bounds[j + 1]``, the known rows that ``oks[j]`` allows, best ``k`` by score,
+    ties to the lower row; as one array with the requests' bounds in it."""
+    n = len(oks)
+    grp = np.repeat(np.arange(n, dtype=np.int64), np.diff(bounds))
+    keep = (rows >= 0) & (rows < n_rows)
+    if n_rows and len(rows):
+        r = np.where(keep, rows, 0)
+        by_mask: dict[int, list[int]] = {}  # requests by mask object (shared per allowed set)
+        for j, ok in enumerate(oks):
+            by_mask.setdefault(id(ok), []).append(j)
+        if len(by_mask) == 1:
+            keep &= oks[0][r]
+        else:
+            allowed = np.zeros(len(rows), bool)
+            for js in by_mask.values():
+                ok = oks[js[0]]
+                if len(js) == 1:
+                    lo, hi = bounds[js[0]], bounds[js[0] + 1]
+                    allowed[lo:hi] = ok[r[lo:hi]]
+                else:
+                    sel = np.isin(grp, js)
+                    allowed[sel] = ok[r[sel]]
+            keep &= allowed
+    r, s, g = rows[keep], scores[keep], grp[keep]
+    order = np.lexsort((r, -s, g))
+    cnt = np.bincount(g, minlength=n)
+    rank = np.arange(len(order)) - (np.cumsum(cnt) - cnt)[g[order]]
+    took = np.minimum(cnt, k)
+    return r[order[rank < k]], np.concatenate([[0], np.cumsum(took)]).astype(np.int64).tolist()
+
+
+def _lookup_grouped(grp: np.ndarray, ids: np.ndarray, keys: np.ndarray, bounds: list[int], values: np.ndarray) -> np.ndarray:
+    """``_lookup`` per request: ``ids`` of request ``grp`` looked up in ``keys[bounds[g]:bounds[g+1]]``
+    (each sorted unique), with one binary search for all requests."""
+    out = np.zeros(len(ids), np.float64)
+    if len(ids) == 0 or len(keys) == 0:
+        return out
+    span = int(max(ids.max(), keys.max())) + 1
+    n = len(bounds) - 1
+    if min(int(ids.min()), int(keys.min())) < 0 or n * span >= 2**62:  # keys would not fit: per request
+        for g in range(n):
+            lo, hi = bounds[g], bounds[g + 1]
+            sel = grp == g
+            if hi > lo and sel.any():
+                out[sel] = _lookup(ids[sel], keys[lo:hi], values[lo:hi])
+        return out
+    kg = np.repeat(np.arange(n, dtype=np.int64), np.diff(bounds)) * span + keys
+    return _lookup(grp * span + ids, kg, values)
 
 
 def _session_features(f: np.ndarray, cand: np.ndarray, sess_rows: np.ndarray, sess_ts: np.ndarray, now: int) -> None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from collections import deque
 from itertools import chain
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
+from cloud_recsys.cooccurrence import _EMPTY, _group_sum_flat, recent_distinct
 
 
 class SessionKNN:
@@ -147,6 +149,62 @@ class SessionKNN:
         sc = np.bincount(inv, weights=votes)
         total = float(sc.sum())
         return items, (sc / total if total > 0 else sc)
+
+    def scores_many(self, sessions: Sequence[np.ndarray], user_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``scores(sessions[j], user_ids[j])`` for every j, bit for bit, with one sort and one
+        ``bincount`` per stage for the whole batch instead of two per session."""
+        ids, sc, bounds = self.scores_flat(sessions, user_ids)
+        return [(ids[a:b], sc[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def scores_flat(
+        self, sessions: Sequence[np.ndarray], user_ids: Sequence[int], distinct: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``scores_many`` as one (ids, scores) pair, session j's at ``bounds[j]:bounds[j + 1]``.
+
+        ``distinct``: ``recent_distinct(sessions, n)`` with n >= ``query_len``, if already at hand."""
+        n = len(sessions)
+        if distinct is None:
+            distinct = recent_distinct(sessions, self.query_len)
+        req: list[int] = []
+        sids: list[np.ndarray] = []
+        w: list[float] = []
+        for j, items in enumerate(distinct):
+            q = items[: self.query_len]
+            m = len(q)
+            for r, it in enumerate(q):
+                s = self._sessions_with(it)
+                if len(s):
+                    sids.append(s)
+                    w.append((m - r) / m)
+                    req.append(j)
+        lens = [len(s) for s in sids]
+        uniq, sim, b1 = _group_sum_flat(n, req, sids, [np.repeat(np.asarray(w, np.float64), lens)] if sids else [])
+        if len(uniq) == 0:
+            return _EMPTY[0], _EMPTY[1], [0] * (n + 1)
+        # the neighbour sessions of every request: not too old, not the user's own; by request
+        grp = np.repeat(np.arange(n, dtype=np.int64), np.diff(b1))
+        oldest = self._order[0] if self._order else self._next
+        ok = (uniq >= oldest) & (self._user_of[uniq] != np.asarray(user_ids, np.int64)[grp])
+        uniq, sim, grp = uniq[ok], sim[ok], grp[ok]
+        cnt = np.bincount(grp, minlength=n)
+        big = cnt > self.k
+        if big.any():  # more than k: the k most similar, ties to the more recent session, in that order
+            order = np.lexsort((-uniq, -sim, grp))
+            rank = np.arange(len(order)) - (np.cumsum(cnt) - cnt)[grp[order]]
+            sel = np.concatenate([order[big[grp[order]] & (rank < self.k)], np.flatnonzero(~big[grp])])
+            sel = sel[np.argsort(grp[sel], kind="stable")]
+            uniq, sim, grp = uniq[sel], sim[sel], grp[sel]
+        lists = [self.items_of[s] for s in uniq.tolist()]
+        lens = [len(x) for x in lists]
+        items = [np.fromiter(chain.from_iterable(lists), np.int64)]
+        votes = [np.repeat(sim, lens)]
+        req2 = np.repeat(grp, lens)
+        ids, sc, bounds = _group_sum_flat(n, req2, items, votes, flat=True)
+        if len(ids):
+            total = [float(sc[a:b].sum()) if b > a else 1.0 for a, b in zip(bounds[:-1], bounds[1:])]
+            total = [t if t > 0 else 1.0 for t in total]  # x / 1.0 == x: a zero sum leaves the scores as they are
+            sc = sc / np.repeat(np.asarray(total, np.float64), np.diff(bounds))
+        return ids, sc, bounds
 
     def state_dict(self) -> dict[str, Any]:
         return {

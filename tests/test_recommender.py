@@ -245,3 +245,73 @@ def test_interest_vector_is_a_further_recall_channel() -> None:
     far_id = int(rec.raw_ids(np.array([far]))[0])
     assert far_id not in before.item_ids.tolist() and far_id in after.item_ids.tolist()
     assert set(before.item_ids.tolist()) <= set(after.item_ids.tolist())
+
+
+def test_batched_channels_equal_per_session_calls_bit_for_bit() -> None:
+    """``ItemToItem.scores_many`` / ``SessionKNN.scores_many`` and the recommender's row map
+    equal their one-at-a-time references exactly (ids, dtypes and every float bit)."""
+    for scale in (7, 2**50):  # sparse raw ids; huge ones take the per-session fallback
+        _check_batched_channels(scale)
+
+
+def _check_batched_channels(scale: int) -> None:
+    rng = np.random.default_rng(3)
+    n = 3000
+    users = rng.integers(0, 40, n)
+    items = rng.integers(0, 120, n) * scale + 5
+    ts = np.sort(rng.integers(0, 10 * 3_600_000, n))
+    i2i, knn = ItemToItem(3, 30 * 60_000, neighbours=8), SessionKNN(k=5, sample_size=20, session_gap_ms=30 * 60_000)
+    i2i.update(users, items, ts)
+    knn.update(users, items, ts)
+    sessions = [rng.choice(items, size=int(rng.integers(0, 12))) for _ in range(60)] + [np.array([999_999])]
+    who = rng.integers(0, 40, len(sessions)).tolist()
+
+    def same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> None:
+        assert a[0].dtype == b[0].dtype and a[1].dtype == b[1].dtype
+        assert a[0].tolist() == b[0].tolist() and a[1].tobytes() == b[1].tobytes()
+
+    for direction, qlen in ((0, 3), (1, 3), (0, 1)):
+        for s, got in zip(sessions, i2i.scores_many(sessions, direction, qlen)):
+            same(got, i2i.scores(s, direction, qlen))
+    for s, u, got in zip(sessions, who, knn.scores_many(sessions, who)):
+        same(got, knn.scores(s, u))
+
+    rec = CloudRecommender(RecommenderConfig(two_tower=TwoTowerConfig(num_users=50, num_items=900, embedding_dim=8, out_dim=8)))
+    rec._rows(items, add=True)
+    probe = np.concatenate([items[:50], [1, 2, 999_999], items[-5:]])
+    assert rec._rows(probe).tolist() == [rec.row_of.get(int(r), -1) for r in probe]
+    rec._rows(np.array([123_456]), add=True)  # a new row: the map follows
+    assert rec._rows(np.array([123_456, 1])).tolist() == [rec.n_rows - 1, -1]
+
+
+def test_lookup_grouped_equals_lookup_per_request() -> None:
+    from cloud_recsys.recommender import _lookup, _lookup_grouped
+
+    rng = np.random.default_rng(5)
+    for hi in (50, 2**61):  # keys that fit one search, and ones that take the per-request path
+        groups = [np.unique(rng.integers(0, hi, int(rng.integers(0, 9)))) for _ in range(7)]
+        vals = [rng.random(len(g)) for g in groups]
+        bounds = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64).tolist()
+        cands = [np.concatenate([g[:2], rng.integers(0, hi, 3)]) for g in groups]
+        grp = np.repeat(np.arange(7), [len(c) for c in cands])
+        got = _lookup_grouped(grp, np.concatenate(cands), np.concatenate(groups), bounds, np.concatenate(vals))
+        want = np.concatenate([_lookup(c, g, v) if len(g) else np.zeros(len(c)) for c, g, v in zip(cands, groups, vals)])
+        assert got.tobytes() == want.tobytes()
+
+
+def test_channel_top_equals_per_request_filter_and_sort() -> None:
+    from cloud_recsys.recommender import _channel_top
+
+    rng = np.random.default_rng(9)
+    n_rows, k = 40, 5
+    shared = rng.random(n_rows) < 0.7
+    oks = [shared, shared, np.ones(n_rows, bool), rng.random(n_rows) < 0.5, shared]
+    per = [rng.permutation(np.arange(-3, 50))[: int(rng.integers(0, 12))] for _ in oks]  # unknown (-1..) and new rows too
+    scs = [np.round(rng.random(len(p)), 1) for p in per]  # ties
+    bounds = np.concatenate([[0], np.cumsum([len(p) for p in per])]).astype(np.int64).tolist()
+    got, tb = _channel_top(np.concatenate(scs), bounds, np.concatenate(per).astype(np.int64), oks, n_rows, k)
+    for j, (r_, sc, ok) in enumerate(zip(per, scs, oks)):
+        good = (r_ >= 0) & (r_ < n_rows)
+        r_, sc = r_[good], sc[good]
+        r_, sc = r_[ok[r_]], sc[ok[r_]]
+        assert got[tb[j] : tb[j + 1]].tolist() == r_[np.lexsort((r_, -sc))][:k].tolist()
