@@ -25,7 +25,7 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "device": ("bench_device.py", [], ["--fleet-users", "200", "--fleet-events", "10000"]),
     "index": ("bench_index.py", [], ["--items", "100000"]),
     "retrieval": ("bench_retrieval.py", [], ["--events", "10000", "--extra-items", "20000"]),
-    "load": ("bench_load.py", ["--seconds", "120"], ["--seconds", "20"]),
+    "load": ("bench_load.py", ["--seconds", "600", "--every", "30"], ["--seconds", "20"]),
     "evaluate": ("bench_evaluate.py", [], ["movielens"]),
     "loop-speed": ("bench_loop_speed.py", ["--events", "20000"], ["--events", "5000"]),
 }
