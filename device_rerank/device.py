@@ -285,11 +285,10 @@ class Device:
                 e = self.cache.get(it)
                 if e is None:  # never in a list while live: no cloud vector, the similarity terms stay 0
                     e = np.zeros(self.model.config.emb_dim, dtype=np.float32)
-                if e is not None:
-                    extra_ids.append(it)
-                    extra_emb.append(e)
-                    if len(extra_ids) >= cfg.max_injected:
-                        break
+                extra_ids.append(it)
+                extra_emb.append(e)
+                if len(extra_ids) >= cfg.max_injected:
+                    break
             if extra_ids:
                 ids = np.concatenate([ids, np.asarray(extra_ids, dtype=np.int64)])
                 emb = np.concatenate([emb, np.stack(extra_emb)])
