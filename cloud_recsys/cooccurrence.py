@@ -89,28 +89,9 @@ class ItemToItem:
 
     def scores(self, recent: np.ndarray, direction: int = 0, query_len: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """(item ids, scores) for a session (item ids, oldest first): the last ``query_len``
-        items' neighbour frequencies, the r-th most recent weighted 1/r."""
-        recent = np.asarray(recent, dtype=np.int64)
-        parts_i, parts_s = [], []
-        seen: set[int] = set()
-        r = 0
-        for it in reversed(recent.tolist()):
-            if it in seen:
-                continue
-            seen.add(it)
-            r += 1
-            ids, sc = self.neighbours_of(it, direction)
-            if len(ids):
-                parts_i.append(ids)
-                parts_s.append(sc / r)
-            if r >= query_len:
-                break
-        if not parts_i:
-            return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        ids = np.concatenate(parts_i)
-        sc = np.concatenate(parts_s)
-        uniq, inv = np.unique(ids, return_inverse=True)
-        return uniq, np.bincount(inv, weights=sc)
+        distinct items' neighbour frequencies, the r-th most recent weighted 1/r, summed per item."""
+        ids, sc, _ = self.scores_flat([recent], direction, query_len)
+        return ids, sc
 
     def scores_many(self, sessions: Sequence[np.ndarray], direction: int = 0, query_len: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
         """``scores`` for many sessions at once, bit for bit: one sort and one ``bincount``
@@ -175,22 +156,14 @@ def recent_distinct(sessions: Sequence[np.ndarray], n: int) -> list[list[int]]:
     return out
 
 
-def _group_sum(n: int, req: list[int], parts_i: list[np.ndarray], parts_s: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per group j < n: (sorted unique ids, summed values) of the parts whose ``req`` is j.
-
-    Equals ``np.unique`` + ``np.bincount`` per group: the terms of one (group, id) bin are
-    added in the order of the parts, as there. Parts must be in non-decreasing group order;
-    ids must be non-negative.
-    """
-    ids, total, bounds = _group_sum_flat(n, req, parts_i, parts_s)
-    return [(ids[a:b], total[a:b]) if b > a else _EMPTY for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def _group_sum_flat(
     n: int, req: Sequence[int] | np.ndarray, parts_i: list[np.ndarray], parts_s: list[np.ndarray], flat: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """``_group_sum`` as one (ids, values) pair, group j at ``bounds[j]:bounds[j + 1]``.
+    """Per group j < n: (sorted unique ids, summed values) of the parts whose ``req`` is j, as one
+    (ids, values) pair, group j at ``bounds[j]:bounds[j + 1]``.
 
+    Equals ``np.unique`` + ``np.bincount`` per group: the terms of one (group, id) bin are
+    added in the order of the parts, as there. Parts must be in non-decreasing group order.
     ``flat``: ``req`` already gives the group of every id (not of every part)."""
     ids = np.concatenate(parts_i) if parts_i else _EMPTY[0]
     if len(ids) == 0:

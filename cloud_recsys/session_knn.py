@@ -23,6 +23,9 @@ import numpy as np
 
 from cloud_recsys.cooccurrence import _EMPTY, _group_sum_flat, recent_distinct
 
+#: A user id no session has: a query from nobody in particular skips no neighbour.
+_NO_USER = int(np.iinfo(np.int64).min)
+
 
 class SessionKNN:
     """Online V-SkNN over raw item ids.
@@ -111,44 +114,11 @@ class SessionKNN:
 
     def scores(self, recent: np.ndarray, user_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(item ids sorted, scores) for a session (item ids, oldest first): each item's summed
-        similarity over the ``k`` most similar past sessions of other users; scores sum to 1."""
-        q: list[int] = []
-        for it in reversed(np.asarray(recent, np.int64).tolist()):
-            if it not in q:
-                q.append(it)
-                if len(q) >= self.query_len:
-                    break
-        if not q:
-            return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        n = len(q)
-        sids, w = [], []
-        for r, it in enumerate(q):  # r = 0 is the most recent: weight 1, then linear decay
-            s = self._sessions_with(it)
-            if len(s):
-                sids.append(s)
-                w.append(np.full(len(s), (n - r) / n))
-        if not sids:
-            return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        all_s = np.concatenate(sids)
-        uniq, inv = np.unique(all_s, return_inverse=True)
-        sim = np.bincount(inv, weights=np.concatenate(w))
-        oldest = self._order[0] if self._order else self._next
-        ok = uniq >= oldest
-        if user_id is not None:
-            ok &= self._user_of[uniq] != int(user_id)
-        uniq, sim = uniq[ok], sim[ok]
-        if len(uniq) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        if len(uniq) > self.k:
-            top = np.lexsort((-uniq, -sim))[: self.k]  # ties: the more recent session
-            uniq, sim = uniq[top], sim[top]
-        lists = [self.items_of[s] for s in uniq.tolist()]
-        ids = np.fromiter(chain.from_iterable(lists), np.int64)
-        votes = np.repeat(sim, [len(x) for x in lists])
-        items, inv = np.unique(ids, return_inverse=True)
-        sc = np.bincount(inv, weights=votes)
-        total = float(sc.sum())
-        return items, (sc / total if total > 0 else sc)
+        similarity over the ``k`` most similar past sessions of other users; scores sum to 1.
+        The session's last ``query_len`` distinct items count, the most recent with weight 1, then
+        decaying linearly; ties between sessions go to the more recent one."""
+        ids, sc, _ = self.scores_flat([recent], [_NO_USER if user_id is None else int(user_id)])
+        return ids, sc
 
     def scores_many(self, sessions: Sequence[np.ndarray], user_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``scores(sessions[j], user_ids[j])`` for every j, bit for bit, with one sort and one
