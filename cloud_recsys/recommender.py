@@ -245,6 +245,24 @@ class CloudRecommender:
         """The cloud's own copy of a user's recent items (what a device of that user would send)."""
         return Session.from_pairs(self.sessions.get(int(user_id), ()))
 
+    # -- pickling ---------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Everything but the trainer's lock and the availability callback: the trainer travels
+        as its ``state_dict`` (it checks its config on load), ``allowed_at`` is the owner's to set
+        again (the evaluation's live view, the service's availability table)."""
+        state = self.__dict__.copy()
+        state["trainer"] = self.trainer.state_dict()
+        state["allowed_at"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        trainer_state = state.pop("trainer")
+        if not isinstance(trainer_state, dict):  # written before the recommender pickled its trainer
+            raise ValueError("a cloud recommender saved without its trainer state (an older checkpoint format): retrain or start fresh")
+        self.__dict__.update(state)
+        self.trainer = OnlineTrainer(self.config.two_tower)
+        self.trainer.load_state_dict(trainer_state)
+
     # -- learning ---------------------------------------------------------------------
     def ingest(self, batch: EventBatch) -> dict[str, float]:
         """Learn from a time-ordered mini-batch, after every prediction inside it was made.

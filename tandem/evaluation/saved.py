@@ -3,12 +3,12 @@
 Why: a replay trains the production cloud and, per strategy, the shared reranker its fleet
 runs; without a copy, a run's winner cannot be inspected, served or compared later.
 
-Layout of a saved folder (``FORMAT`` 1)::
+Layout of a saved folder (``FORMAT`` 2; 1 kept the trainer beside the pickled cloud)::
 
     manifest.json          format, source, events, seed, the cloud's file, one entry per strategy
-    cloud.pkl              the CloudRecommender (pickle, our own file): {"cloud": the recommender
-                           without its trainer, "trainer": OnlineTrainer.state_dict()}, the pieces
-                           the cloud service checkpoints (tandem/services/recommender_engine.py)
+    cloud.pkl              the CloudRecommender (pickle, our own file; it pickles its trainer as
+                           ``OnlineTrainer.state_dict()``), as the cloud service checkpoints it
+                           (tandem/services/recommender_engine.py)
     strategies/<slug>.pt   torch.save of {"reranker_config", "state_dict" (the shared reranker),
                            "model_version", "item_delta" and "user_vec" ({"ids", "vectors"}: the
                            strategy's overlays on the cloud)}; loads with ``weights_only=True``
@@ -32,12 +32,11 @@ import numpy as np
 import torch
 
 from cloud_recsys.recommender import CloudRecommender
-from cloud_recsys.trainer import OnlineTrainer
 from device_rerank.config import RerankerConfig
 from device_rerank.reranker import Reranker
 from tandem.strategies.server import StrategyCloud
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
 CLOUD_FILE = "cloud.pkl"
 STRATEGY_DIR = "strategies"
@@ -60,12 +59,7 @@ def save_cloud(folder: Path | str, cloud: CloudRecommender) -> Path:
     loader's caller supplies one, as the service does)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    trainer, allowed_at = cloud.trainer, cloud.allowed_at
-    cloud.trainer, cloud.allowed_at = None, None  # type: ignore[assignment]  # a lock and a callback: not model state
-    try:
-        data = pickle.dumps({"cloud": cloud, "trainer": trainer.state_dict()}, protocol=pickle.HIGHEST_PROTOCOL)
-    finally:
-        cloud.trainer, cloud.allowed_at = trainer, allowed_at
+    data = pickle.dumps(cloud, protocol=pickle.HIGHEST_PROTOCOL)
     path = folder / CLOUD_FILE
     _atomic_write(path, data)
     return path
@@ -73,11 +67,7 @@ def save_cloud(folder: Path | str, cloud: CloudRecommender) -> Path:
 
 def load_cloud(path: Path | str) -> CloudRecommender:
     """Inverse of ``save_cloud`` (a trusted file: it is a pickle)."""
-    state = pickle.loads(Path(path).read_bytes())  # our own file, written by save_cloud
-    cloud: CloudRecommender = state["cloud"]
-    trainer = OnlineTrainer(cloud.config.two_tower)
-    trainer.load_state_dict(state["trainer"])
-    cloud.trainer = trainer
+    cloud: CloudRecommender = pickle.loads(Path(path).read_bytes())  # our own file, written by save_cloud
     return cloud
 
 

@@ -181,32 +181,25 @@ class RecommenderEngine:
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            trainer = self.cloud.trainer
-            self.cloud.allowed_at = None  # a bound method of this engine: not part of the model
-            self.cloud.trainer = None  # holds a lock: saved through its own state_dict
-            try:
-                state = {
-                    "cloud": self.cloud,
-                    "trainer": trainer.state_dict(),
-                    "server": self.server,
-                    "aggregator": self.strategy.aggregator,
-                    "rounds": self.rounds,
-                    "clock_ms": self.clock_ms,
-                    "availability": self.availability.state_dict(),
-                }
-                (path / "recommender.pkl.tmp").write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-            finally:
-                self.cloud.allowed_at = self._allowed_at
-                self.cloud.trainer = trainer
+            state = {
+                "cloud": self.cloud,  # pickles its trainer as a state_dict, without its availability callback
+                "server": self.server,
+                "aggregator": self.strategy.aggregator,
+                "rounds": self.rounds,
+                "clock_ms": self.clock_ms,
+                "availability": self.availability.state_dict(),
+            }
+            (path / "recommender.pkl.tmp").write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
         (path / "recommender.pkl.tmp").replace(path / "recommender.pkl")
 
     def load(self, path: Path) -> None:
         state = pickle.loads((path / "recommender.pkl").read_bytes())  # our own checkpoint, written by save()
+        cloud = state["cloud"]
+        mine = self.cloud.trainer.config  # the settings' sizes: a checkpoint of other sizes is refused
+        if cloud.trainer.config != mine:
+            raise ValueError(f"checkpoint was written with a different config: {cloud.trainer.config} != {mine}")
         with self.lock:
-            trainer = self.cloud.trainer  # same config as the saved one (settings): load its state into it
-            trainer.load_state_dict(state["trainer"])
-            self.cloud = state["cloud"]
-            self.cloud.trainer = trainer
+            self.cloud = cloud
             self.cloud.allowed_at = self._allowed_at
             self.server = state["server"]
             self.strategy.aggregator = state["aggregator"]
