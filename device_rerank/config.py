@@ -173,6 +173,8 @@ class DeviceConfig:
         interest_half_life_s: half-life of engagement weight in the user-interest vector.
         example_buffer: engagement groups kept for personalization and updates.
         negatives_per_group: shown-but-not-engaged items stored with each positive.
+        trial_negatives_per_group: items drawn uniformly from the list and stored with each
+            positive when the device scores trial rerankers (``Device.make_evaluation``).
         session_gap_ms: a gap longer than this starts a new session (resets the step budget).
         seed: rng seed (mixed with the device id).
     """
@@ -195,5 +197,6 @@ class DeviceConfig:
     interest_half_life_s: float = 86_400.0
     example_buffer: int = 64
     negatives_per_group: int = 4
+    trial_negatives_per_group: int = 16
     session_gap_ms: int = 30 * 60_000
     seed: int = 0

@@ -19,10 +19,13 @@ import torch
 from streams.candidates import Candidates
 from device_rerank.config import DeviceConfig
 from device_rerank.encoders import (
+    MAX_EVAL_LOSS,
     DataEncoder,
     EncodeStats,
+    EvaluationEncoder,
     FeatureEncoder,
     ParameterEncoder,
+    TrialEvaluation,
     add_gaussian_noise,
     clip_l2,
     interest_vector,
@@ -37,7 +40,7 @@ from device_rerank.features import (
     candidate_features,
     standardize,
 )
-from device_rerank.personalize import ExampleBuffer, ExampleGroup, PatchJob, buffer_examples, fine_tune_patches, shared_gradient
+from device_rerank.personalize import ExampleBuffer, ExampleGroup, PatchJob, buffer_examples, fine_tune_patches, mean_group_losses, shared_gradient
 from device_rerank.privacy import PrivacyAccountant
 from device_rerank.reranker import Reranker
 from streams.schema import EventKind
@@ -115,8 +118,11 @@ class Device:
         self._cloud_set: set[int] = set()
         self._consumed: set[int] = set()
         self.record_examples = True
+        self.record_trial_negatives = False  # also store uniform negatives (a fleet that scores trials)
+        self._trial_rng: np.random.Generator | None = None  # their own stream: learning's draws stay the same
         self._interest: np.ndarray | None = None
         self._interest_key: tuple[int, int, int] | None = None
+        self.carried_until_ms = -1  # newest feedback a parameter/data update of this device carried
 
     # -- cloud side --------------------------------------------------------
     def fetch(self, source: CandidateSource, k: int = 100, at_ms: int | None = None) -> int:
@@ -247,6 +253,13 @@ class Device:
         k = len(ids)
         pos_z = float(self._cloud_z[pos_idx[0]]) if len(pos_idx) else cfg.inject_cloud_z
         pos_rank = float(pos_idx[0]) / k if len(pos_idx) else 1.0
+        n_train = 1 + len(neg)
+        if self.record_trial_negatives and cfg.trial_negatives_per_group > 0:
+            if self._trial_rng is None:
+                self._trial_rng = np.random.default_rng([cfg.seed, self.device_id, 1])
+            others = np.flatnonzero(ids != item_id)
+            uni = self._trial_rng.choice(others, size=min(cfg.trial_negatives_per_group, len(others)), replace=False)
+            neg = np.concatenate([neg, np.sort(uni)])
         item_ids = np.concatenate([[item_id], ids[neg]])
         rank = np.concatenate([[pos_rank], neg / k]).astype(np.float32)
         ctx = candidate_features(item_ids, rank, self.stats, self._live, ts_ms, cfg)
@@ -261,6 +274,7 @@ class Device:
                 seq_feat=seq_feat,
                 seq_mask=seq_mask,
                 ts_ms=ts_ms,
+                n_train=n_train if len(neg) + 1 > n_train else -1,
             )
         )
 
@@ -430,7 +444,31 @@ class Device:
                 return None
             payload, n = DataEncoder.encode(chosen), len(chosen)
         else:
-            raise ValueError(f"unknown update family {family!r}")
+            raise ValueError(f"unknown update family {family!r} (evaluations: make_evaluation)")
+        if family in ("parameter", "data"):
+            self.carried_until_ms = max(self.carried_until_ms, now)
+        return self._sign(family, now, n, payload)
+
+    def make_evaluation(self, trial: Reranker, trial_version: int, at_ms: int | None = None, max_groups: int = 8) -> Envelope | None:
+        """Score a trial reranker against the one this device runs (Flower's client ``evaluate``).
+
+        On the newest ``max_groups`` engagements that no parameter or data update of this
+        device carried (so nothing the trial was fitted on), under this device's patch.
+        Returns None when there are none.
+        """
+        if self.key is None:
+            raise ValueError("device has no signing key")
+        now = self._now if at_ms is None else int(at_ms)
+        groups = self.buffer.groups
+        fresh = [i for i in range(len(groups) - 1, -1, -1) if groups[i].ts_ms > self.carried_until_ms][:max_groups]
+        if not fresh:
+            return None
+        shipped, tried = mean_group_losses((self.model, trial), self.buffer, fresh[::-1], self.patch)
+        ev = TrialEvaluation(int(trial_version), len(fresh), min(shipped, MAX_EVAL_LOSS), min(tried, MAX_EVAL_LOSS))
+        return self._sign("evaluation", now, len(fresh), EvaluationEncoder.encode(ev))
+
+    def _sign(self, family: str, now: int, n: int, payload: bytes) -> Envelope:
+        assert self.key is not None
         self.seq += 1
         env = sign(
             self.key,

@@ -17,6 +17,9 @@ traffic for fidelity knowingly.
   Note: the set of touched row ids is itself revealed; DP covers the values only.
 * ``DataEncoder`` ("data"): hard examples (item id, label, features in float16),
   only with consent, capped. Bound: float16 rounding, ``|x - x'| <= |x| * 2**-11``.
+* ``EvaluationEncoder`` ("evaluation"): a device's verdict on a trial reranker (Flower's
+  ``evaluate`` round): its mean listwise loss under the shipped and the trial model on its
+  own feedback that no update has carried yet. 20 bytes, exact.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from device_rerank.config import DataEncoderConfig, ParameterEncoderConfig
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: Final[tuple[str, ...]] = ("feature", "parameter", "data")
+FAMILIES: Final[tuple[str, ...]] = ("feature", "parameter", "data", "evaluation")
 #: Largest embedding width / payload counts accepted when decoding (forged payloads).
 MAX_DIM: Final[int] = 124  # 4 + 124 = 128 bytes for the feature payload
 MAX_SENT_COORDS: Final[int] = 1 << 20
@@ -398,3 +401,48 @@ class DataEncoder:
     def dense_nbytes(n: int, f: int) -> int:
         """Float32 rows replaced: int64 id, float32 label, float32 features."""
         return n * (8 + 4 + 4 * f)
+
+
+# -- evaluation family ---------------------------------------------------------
+#: Largest mean listwise loss an honest device can report: log of the longest group it keeps.
+MAX_EVAL_LOSS: Final[float] = 20.0
+
+
+@dataclass(frozen=True)
+class TrialEvaluation:
+    """Decoded evaluation-family content: a trial reranker scored on a device's fresh groups."""
+
+    trial_version: int
+    groups: int  # example groups (engagements) scored
+    loss_shipped: float  # mean listwise loss under the model the device runs
+    loss_trial: float  # the same groups under the trial
+
+    @property
+    def difference(self) -> float:
+        """Trial minus shipped (negative: the trial ranks this device's engagements higher)."""
+        return self.loss_trial - self.loss_shipped
+
+
+_EVAL_WIRE = np.dtype([("trial_version", "<i8"), ("groups", "<u4"), ("loss_shipped", "<f4"), ("loss_trial", "<f4")])
+
+
+class EvaluationEncoder:
+    """A ``TrialEvaluation`` as 20 little-endian bytes (int64, uint32, two float32)."""
+
+    family: Final[str] = "evaluation"
+
+    @staticmethod
+    def encode(ev: TrialEvaluation) -> bytes:
+        return np.array([(ev.trial_version, ev.groups, ev.loss_shipped, ev.loss_trial)], dtype=_EVAL_WIRE).tobytes()
+
+    @staticmethod
+    def decode(payload: bytes) -> TrialEvaluation:
+        if len(payload) != _EVAL_WIRE.itemsize:
+            raise PayloadError(f"evaluation payload of {len(payload)} bytes, expected {_EVAL_WIRE.itemsize}")
+        r = np.frombuffer(payload, dtype=_EVAL_WIRE)[0]
+        ev = TrialEvaluation(int(r["trial_version"]), int(r["groups"]), float(r["loss_shipped"]), float(r["loss_trial"]))
+        if ev.groups < 1 or ev.trial_version < 0:
+            raise PayloadError("evaluation with no groups or a negative trial version")
+        if not all(_finite(x) and 0.0 <= x <= MAX_EVAL_LOSS for x in (ev.loss_shipped, ev.loss_trial)):
+            raise PayloadError(f"evaluation losses outside [0, {MAX_EVAL_LOSS}]")
+        return ev

@@ -32,11 +32,13 @@ import numpy as np
 from device_rerank.encoders import (
     FAMILIES,
     DataEncoder,
+    EvaluationEncoder,
     FeatureEncoder,
     HardExamples,
     ParameterEncoder,
     ParameterUpdate,
     PayloadError,
+    TrialEvaluation,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +82,7 @@ class Envelope(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
         device_id: sender; selects the HMAC key.
         model_version: cloud model version the update was computed against.
         seq: per-device sequence number, strictly increasing (replay protection).
-        family: "feature" | "parameter" | "data".
+        family: "feature" | "parameter" | "data" | "evaluation".
         created_ms: device clock at creation.
         num_examples: local examples behind the update (aggregation weight).
         payload: family-specific bytes (device_rerank/encoders.py).
@@ -175,7 +177,9 @@ class DecodedUpdate:
       embedding. Deltas are ``-local_lr * gradient`` (add them, weighted by ``num_examples``),
       already clipped, noised (local DP) and sparsified;
     * "data": ``examples`` (``HardExamples``): item ids, 0/1 labels, float features
-      (``config.CTX_FEATURES`` + cloud z + device score).
+      (``config.CTX_FEATURES`` + cloud z + device score);
+    * "evaluation": ``evaluation`` (``TrialEvaluation``): the device's losses under the shipped
+      and a trial reranker, on feedback no update of its carried yet.
     """
 
     device_id: int
@@ -188,6 +192,7 @@ class DecodedUpdate:
     user_vector: np.ndarray | None = None
     params: ParameterUpdate | None = None
     examples: HardExamples | None = None
+    evaluation: TrialEvaluation | None = None
 
 
 class UpdateVerifier:
@@ -373,6 +378,13 @@ class UpdateVerifier:
                     raise UpdateRejected("wrong_shape", str(exc)) from None
                 raise
             return DecodedUpdate(**base, params=params)
+        if env.family == "evaluation":
+            ev = EvaluationEncoder.decode(env.payload)
+            if ev.trial_version > self.current_model_version:
+                raise UpdateRejected("stale", f"trial {ev.trial_version} is ahead of {self.current_model_version}")
+            if ev.groups != env.num_examples:
+                raise UpdateRejected("malformed", f"evaluation of {ev.groups} groups claims {env.num_examples} examples")
+            return DecodedUpdate(**base, evaluation=ev)
         return DecodedUpdate(**base, examples=DataEncoder.decode(env.payload))
 
 

@@ -34,7 +34,10 @@ _PAD_LOGIT = -1e4
 
 @dataclass(frozen=True)
 class ExampleGroup:
-    """One engagement: slot 0 is the engaged item, the rest shown-not-engaged items."""
+    """One engagement: slot 0 is the engaged item, slots 1 .. ``n_train - 1`` shown-not-engaged
+    items (what learning uses), and any further slots items drawn uniformly from the list
+    (what scoring a trial reranker uses: shown items are the top of the device's own
+    ranking, so a loss over them rewards demoting what was shown, not ranking the list)."""
 
     item_ids: np.ndarray  # (G,) int64
     cand_emb: np.ndarray  # (G, d) float16
@@ -44,6 +47,14 @@ class ExampleGroup:
     seq_feat: np.ndarray  # (L, s) float32
     seq_mask: np.ndarray  # (L,) float32
     ts_ms: int
+    n_train: int = -1  # -1: every slot is a learning slot
+
+    def slots(self, part: str) -> np.ndarray | slice:
+        """Slot selection of ``part``: "train" (positive + shown negatives) or "eval" (positive + uniform ones)."""
+        n = len(self.item_ids) if self.n_train < 0 else self.n_train
+        if part == "train":
+            return slice(0, n)
+        return np.r_[0, n : len(self.item_ids)]
 
 
 class ExampleBuffer:
@@ -58,10 +69,12 @@ class ExampleBuffer:
     def add(self, group: ExampleGroup) -> None:
         self.groups.append(group)
 
-    def batch(self, index: list[int] | np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
-        """Padded tensors (cand_emb, cloud_z, ctx, seq_emb, seq_feat, seq_mask, slot_mask, item_ids)."""
+    def batch(self, index: list[int] | np.ndarray | None = None, part: str = "train") -> tuple[torch.Tensor, ...]:
+        """Padded tensors (cand_emb, cloud_z, ctx, seq_emb, seq_feat, seq_mask, slot_mask, item_ids)
+        of the groups' ``part`` slots (``ExampleGroup.slots``)."""
         gs = list(self.groups) if index is None else [self.groups[int(i)] for i in index]
-        g_max = max(len(g.item_ids) for g in gs)
+        sel = [g.slots(part) for g in gs]
+        g_max = max(len(g.item_ids[s]) for g, s in zip(gs, sel))
         b = len(gs)
         d = gs[0].cand_emb.shape[1]
         c = gs[0].ctx.shape[1]
@@ -70,9 +83,9 @@ class ExampleBuffer:
         ctx = np.zeros((b, g_max, c), dtype=np.float32)
         slot = np.zeros((b, g_max), dtype=np.float32)
         ids = np.full((b, g_max), -1, dtype=np.int64)
-        for i, g in enumerate(gs):
-            n = len(g.item_ids)
-            cand[i, :n], cz[i, :n], ctx[i, :n], slot[i, :n], ids[i, :n] = g.cand_emb, g.cloud_z, g.ctx, 1.0, g.item_ids
+        for i, (g, s) in enumerate(zip(gs, sel)):
+            n = len(g.item_ids[s])
+            cand[i, :n], cz[i, :n], ctx[i, :n], slot[i, :n], ids[i, :n] = g.cand_emb[s], g.cloud_z[s], g.ctx[s], 1.0, g.item_ids[s]
         seq = np.stack([g.seq_emb for g in gs]).astype(np.float32)
         sf = np.stack([g.seq_feat for g in gs])
         sm = np.stack([g.seq_mask for g in gs])
@@ -251,6 +264,15 @@ def _encoded(model: Reranker, buffer: ExampleBuffer, index: np.ndarray) -> tuple
     cand, cz, ctx, seq, sf, sm, slot, _ = buffer.batch(index)
     with torch.no_grad():
         return model.encode(cand, cz, ctx, seq, sf, sm), slot
+
+
+def mean_group_losses(models: Sequence[Reranker], buffer: ExampleBuffer, index: Sequence[int], patch: torch.Tensor) -> list[float]:
+    """Mean listwise loss of each model on the buffered groups at ``index`` (their "eval" slots:
+    the positive against items drawn uniformly from the list, a sampled softmax over the whole
+    list), under one patch: a device comparing the reranker it runs with a trial one."""
+    cand, cz, ctx, seq, sf, sm, slot, _ = buffer.batch(list(index), part="eval")
+    with torch.inference_mode():
+        return [float(listwise_loss(m(cand, cz, ctx, seq, sf, sm, patch), slot)) for m in models]
 
 
 def shared_gradient(

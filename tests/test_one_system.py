@@ -86,9 +86,15 @@ def test_services_equal_the_evaluation(world, evaluation, strategy: str) -> None
     cloud._flush_updates()
     assert cloud.state.updates_applied == fleet.updates_sent
     if strategy in ("federated", "data", "hybrid"):
-        # learned strategies: the cloud shipped its refreshed rerankers to the fleet
-        assert fleet.metrics.snapshot().get("rerankers_received", 0) >= 2
-        assert fleet.fleet.model_version == cloud.engine.server.model_version > 0
+        # learned strategies: the cloud put its changed rerankers on trial with the fleet, the
+        # devices scored them (the ship gate), and both drivers reached the same verdicts
+        assert fleet.metrics.snapshot().get("trials_received", 0) >= 1 and fleet.fleet.evaluations > 0
+        cloud._refresh()  # the evaluation's last round, at the end of the log
+        fleet.step(timeout_s=0.0)  # the fleet reads it
+        decided = [s["trial"] for s in ref.round_summaries if "trial" in s]
+        assert decided and decided == cloud.engine.server.trial_log
+        assert fleet.fleet.model_version == cloud.engine.server.model_version
+        assert fleet.fleet.trial_version == cloud.engine.server.trial_version
 
 
 def test_an_update_the_strategy_cannot_apply_is_dead_lettered_and_the_worker_goes_on(world) -> None:

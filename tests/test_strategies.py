@@ -111,7 +111,7 @@ def test_trust_region_bounds_the_shipped_reranker(radius: float | None) -> None:
 
     base = Reranker(RerankerConfig(emb_dim=32))
     w0 = base.flat_parameters()
-    sc = StrategyCloud(base, trust_radius=radius)
+    sc = StrategyCloud(base, trust_radius=radius, trial_min_devices=0)  # no ship gate (tests/test_trial_gate.py)
     big = np.random.default_rng(0).normal(size=len(w0)).astype(np.float32)  # norm ~ 60
     sc.apply_model_delta(big)
     assert sc.refresh(_FixedCloud())
@@ -122,7 +122,7 @@ def test_trust_region_bounds_the_shipped_reranker(radius: float | None) -> None:
         assert np.linalg.norm(drift) == pytest.approx(radius, rel=1e-4)
         assert np.allclose(drift / np.linalg.norm(drift), big / np.linalg.norm(big), atol=1e-4)  # same direction
     small = big * (0.1 / np.linalg.norm(big))
-    sc2 = StrategyCloud(Reranker(RerankerConfig(emb_dim=32)), trust_radius=0.5)
+    sc2 = StrategyCloud(Reranker(RerankerConfig(emb_dim=32)), trust_radius=0.5, trial_min_devices=0)
     start = sc2.reranker.flat_parameters()
     sc2.apply_model_delta(small)
     sc2.refresh(_FixedCloud())

@@ -219,6 +219,9 @@ def evaluate(
     trust_radius: float = typer.Option(
         0.5, "--trust-radius", help="Max L2 drift of the shipped reranker from the fleet's starting one (<= 0: unbounded)."
     ),
+    trial_devices: int = typer.Option(
+        16, "--trial-devices", help="Ship gate of learned strategies: a changed reranker ships only when this many devices scored it no worse on fresh feedback (0: ship at once)."
+    ),
     domain: str = typer.Option(
         "auto", "--domain", help="repeat (items are consumed again), feed (consumed items are never shown again) or auto."
     ),
@@ -242,6 +245,7 @@ def evaluate(
     if domain not in ("auto", "feed", "repeat"):
         raise typer.BadParameter(f"{domain!r} is not one of auto, feed, repeat", param_hint="--domain")
     check_positive(refetch_every, "--refetch-every", allow_zero=True)
+    check_positive(trial_devices, "--trial-devices", allow_zero=True)
     check_positive(batch_size, "--batch-size")
     check_positive(n_boot, "--n-boot")
     check_positive(workers, "--workers")
@@ -290,6 +294,7 @@ def evaluate(
             n_boot=n_boot,
             max_events=limit,
             trust_radius=trust_radius if trust_radius > 0 else None,
+            trial_min_devices=trial_devices,
             domain=domain,
             refetch_every=refetch_every,
             seed=seed,

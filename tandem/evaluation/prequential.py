@@ -196,7 +196,8 @@ def _run(
         s.reset()
         keyring = Keyring(f"tandem-eval-{config.seed}-{s.label}".encode().ljust(16, b"."))
         sc = StrategyCloud(
-            base_reranker, config.data_fit_steps, config.data_fit_lr, config.data_fit_l2, config.trust_radius
+            base_reranker, config.data_fit_steps, config.data_fit_lr, config.data_fit_l2, config.trust_radius,
+            config.trial_min_devices, config.trial_max_rounds,
         )  # shared until a strategy changes it (copy on write)
         fleet = StrategyFleet(s, sc.reranker, sc.model_version, base_device, keyring, config.min_new_engagements)
         verifier = verifier_for(keyring, base_reranker, fleet.device_config, config.max_staleness_rounds)
@@ -319,8 +320,12 @@ def _run(
                     except UpdateRejected:
                         pass
                 summary = r.strategy.aggregate(round_no, updates, r.cloud)
+                decided = len(r.cloud.trial_log)
                 if r.cloud.refresh(cloud):
                     r.fleet.set_model(r.cloud.reranker, r.cloud.model_version)
+                r.fleet.set_trial(r.cloud.trial, r.cloud.trial_version)
+                if len(r.cloud.trial_log) > decided:
+                    summary = {**summary, "trial": r.cloud.trial_log[-1]}
                 r.rounds.append(summary)
             timings["rounds_s"] += time.perf_counter() - t0
         if progress is not None:

@@ -20,6 +20,7 @@ from streams.datasets.base import EventLog
 from streams.schema import AVAILABILITY_KINDS
 from tandem.evaluation.metrics import KS
 from tandem.strategies.schedule import ScheduleConfig, SyncSchedule
+from tandem.strategies.server import TRIAL_MAX_ROUNDS, TRIAL_MIN_DEVICES
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class EvalConfig:
             distance of the reranker the fleet started with (None = unbounded). 0.5 measured
             on Twitch: data -26.9% -> +3.2%, federated -5.2% -> +2.8% NDCG@10 vs cloud-only
             (whole log); 2.0 changed nothing on the first 20k events.
+        trial_min_devices / trial_max_rounds: the ship gate of learned strategies
+            (``StrategyCloud``): a changed reranker ships only when this many devices scored it
+            no worse than the shipped one on fresh feedback, within that many rounds (0: no gate).
         seed: everything random.
     """
 
@@ -74,6 +78,8 @@ class EvalConfig:
     data_fit_lr: float = 0.05
     data_fit_l2: float = 1.0
     trust_radius: float | None = 0.5
+    trial_min_devices: int = TRIAL_MIN_DEVICES
+    trial_max_rounds: int = TRIAL_MAX_ROUNDS
     seed: int = 0
 
 

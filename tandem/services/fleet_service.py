@@ -200,6 +200,7 @@ class FleetWorker:
 
         assert self.refresh_consumer is not None
         newest: dict[str, Any] | None = None
+        trial: dict[str, Any] | None = None
         for rec in self.refresh_consumer.poll(100, timeout_s=0.0):
             try:
                 msg = json.loads(rec.value)
@@ -209,6 +210,10 @@ class FleetWorker:
                 continue
             if "reranker" in msg and int(msg.get("reranker_version", -1)) > self._reranker_version:
                 newest = msg
+            if "trial_version" in msg:
+                trial = msg  # the newest message says which trial (if any) devices score now
+        if trial is not None:
+            self._take_trial(trial, decode_reranker)
         if newest is not None:
             if newest.get("strategy") not in (None, self.strategy.name):
                 log.warning("model-refresh comes from strategy %r, this fleet runs %r: reranker ignored", newest.get("strategy"), self.strategy.name)
@@ -222,6 +227,21 @@ class FleetWorker:
                     self.metrics.inc("refresh_messages_bad")
                     log.warning("model-refresh reranker refused: %s", exc)
         self.metrics.set("cloud_model_version", self.cloud_version)
+
+    def _take_trial(self, msg: dict[str, Any], decode: Any) -> None:
+        """Set (or clear) the trial reranker the fleet's devices score at their syncs (the ship gate)."""
+        try:
+            version = int(msg.get("trial_version", -1))
+            if msg.get("strategy") not in (None, self.strategy.name) or version == self.fleet.trial_version:
+                return
+            if version < 0 or "trial" not in msg:
+                self.fleet.set_trial(None)
+                return
+            self.fleet.set_trial(decode(msg["trial"], self.settings.embedding_dim), version)
+            self.metrics.inc("trials_received", help="trial rerankers taken from model-refresh")
+        except (ValueError, TypeError) as exc:
+            self.metrics.inc("refresh_messages_bad")
+            log.warning("model-refresh trial refused: %s", exc)
 
     def _evict(self) -> None:
         while len(self.fleet.devices) > self.settings.max_devices:

@@ -91,7 +91,12 @@ class RecommenderEngine:
             item_categories=cats,
             allowed_at=self._allowed_at,
         )
-        self.server = StrategyCloud(Reranker(RerankerConfig(emb_dim=dim)), trust_radius=settings.trust_radius)
+        self.server = StrategyCloud(
+            Reranker(RerankerConfig(emb_dim=dim)),
+            trust_radius=settings.trust_radius,
+            trial_min_devices=settings.trial_min_devices,
+            trial_max_rounds=settings.trial_max_rounds,
+        )
         self.rounds = 0
         self.clock_ms = 0  # the log's clock: newest event time ingested
         self.last_round: dict[str, Any] = {}
@@ -148,8 +153,16 @@ class RecommenderEngine:
 
     def refresh_payload(self) -> dict[str, Any]:
         """What the ``model-refresh`` message carries beyond the version: the shared reranker
-        (always, so a fleet that starts late or missed a message still converges)."""
-        return {"strategy": self.strategy.name, "reranker_version": int(self.server.model_version), "reranker": encode_reranker(self.server.reranker)}
+        (always, so a fleet that starts late or missed a message still converges) and the
+        trial reranker devices are asked to score, if any (``trial_version`` -1: none)."""
+        trial = self.server.trial
+        return {
+            "strategy": self.strategy.name,
+            "reranker_version": int(self.server.model_version),
+            "reranker": encode_reranker(self.server.reranker),
+            "trial_version": int(self.server.trial_version) if trial is not None else -1,
+            **({"trial": encode_reranker(trial)} if trial is not None else {}),
+        }
 
     def requests(self, bodies: Sequence[RequestBody], at_ms: int | None) -> list[Request]:
         default_at = int(at_ms) if at_ms is not None else self.clock_ms

@@ -94,6 +94,9 @@ class CloudSettings:
             through (``tandem.strategies``; the fleet must run the same one).
         domain: "repeat" (livestreams, sessions) or "feed" (consumed items never returned).
         trust_radius: the shipped reranker stays within this L2 distance of the initial one.
+        trial_min_devices / trial_max_rounds: the ship gate (as the evaluation's): a changed
+            reranker ships only when this many devices scored it no worse, within that many
+            refreshes (0: ship at once).
         max_staleness_versions: updates stamped with a model this many refreshes old are still
             accepted (as in the evaluation).
         group: consumer group of the cloud's topic readers.
@@ -126,6 +129,8 @@ class CloudSettings:
     strategy: str = "feature"
     domain: str = "repeat"
     trust_radius: float = 0.5
+    trial_min_devices: int = 16  # tandem.strategies.server.TRIAL_MIN_DEVICES (kept light: no torch import here)
+    trial_max_rounds: int = 3  # TRIAL_MAX_ROUNDS
     max_staleness_versions: int = 8
     seed: int = 0
     group: str = "cloud"

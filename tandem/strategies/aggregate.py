@@ -27,6 +27,8 @@ owns) and a ``RoundSummary``.
 * feature family: the latest interest vector per user (by ``created_ms``, then
   ``seq``) replaces the previous one; the target uses it in retrieval.
 * data family: consented hard examples are handed to the target's training.
+* evaluation family: devices' verdicts on the trial reranker are handed to the target's
+  gate (``StrategyCloud``: the trial ships only if the devices' feedback says it is no worse).
 
 Idempotent: the highest applied ``seq`` per device is kept (seqs only grow per device,
 the verifier enforces it); an update at or below it (at-least-once delivery, replays)
@@ -42,7 +44,7 @@ from typing import Final, Protocol, Sequence
 
 import numpy as np
 
-from device_rerank.encoders import HardExamples
+from device_rerank.encoders import HardExamples, TrialEvaluation
 from device_rerank.envelope import DecodedUpdate
 
 logger = logging.getLogger(__name__)
@@ -232,6 +234,9 @@ class AggregationTarget(Protocol):
     def add_examples(self, examples: Sequence[tuple[int, HardExamples]]) -> None:
         """Consented hard examples, (device id, examples), to add to training."""
 
+    def add_evaluations(self, evaluations: Sequence[tuple[int, TrialEvaluation]]) -> None:
+        """Devices' verdicts, (device id, evaluation), on the trial reranker (the ship gate)."""
+
 
 @dataclass(frozen=True)
 class AggregatorConfig:
@@ -273,6 +278,7 @@ class RoundSummary:
     rows_touched: int = 0
     user_vectors: int = 0
     examples: int = 0
+    evaluations: int = 0
     deferred: int = 0
 
     def as_dict(self) -> dict:
@@ -325,6 +331,7 @@ class Aggregator:
         params = [u for u in fresh if u.family == "parameter" and u.params is not None]
         feats = [u for u in fresh if u.family == "feature" and u.user_vector is not None]
         data = [u for u in fresh if u.family == "data" and u.examples is not None]
+        evals = [u for u in fresh if u.family == "evaluation" and u.evaluation is not None]
         done: list[DecodedUpdate] = []
         if params:
             if len(params) < self.config.min_updates:
@@ -346,6 +353,10 @@ class Aggregator:
             target.add_examples([(u.device_id, u.examples) for u in data])  # type: ignore[misc]
             s.examples = int(sum(len(u.examples) for u in data))  # type: ignore[arg-type]
             done.extend(data)
+        if evals:
+            target.add_evaluations([(u.device_id, u.evaluation) for u in evals])  # type: ignore[misc]
+            s.evaluations = len(evals)
+            done.extend(evals)
         for u in done:
             self._mark(u.device_id, u.seq)
             s.by_family[u.family] = s.by_family.get(u.family, 0) + 1

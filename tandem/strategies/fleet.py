@@ -67,6 +67,11 @@ class StrategyFleet:
         self.last_upload_n: dict[int, int] = {}
         self.last_personalize_n: dict[int, int] = {}
         self.outbox: list[tuple[bytes, int]] = []  # (envelope, caller's tag), in send order
+        self.trial: Reranker | None = None  # a reranker the cloud asks devices to score (the ship gate)
+        self.trial_version = -1
+        self.trial_nbytes = 0
+        self.evaluated: dict[int, int] = {}  # device -> newest trial version it scored
+        self.evaluations = 0
         self.bytes_up = 0
         self.bytes_down = 0
         self.uploads = 0
@@ -74,6 +79,7 @@ class StrategyFleet:
         s = strategy
         # Strategies that never upload parameters/data nor personalize need no training groups.
         self.record_examples = bool(s.personalize_steps) or bool({"parameter", "data"} & set(s.families))
+        self.scores_trials = bool({"parameter", "data"} & set(s.families))  # its uploads change the reranker
 
     def set_model(self, reranker: Reranker, model_version: int) -> None:
         """The newest shared reranker; each device takes it at its next sync."""
@@ -81,18 +87,25 @@ class StrategyFleet:
         self.model_version = int(model_version)
         self.model_nbytes = reranker.int8_nbytes()
 
+    def set_trial(self, reranker: Reranker | None, version: int = -1) -> None:
+        """The reranker the cloud is trialling (None: none); devices score it at their next sync."""
+        self.trial = reranker
+        self.trial_version = int(version) if reranker is not None else -1
+        self.trial_nbytes = reranker.int8_nbytes() if reranker is not None else 0
+
     def device(self, user_id: int) -> Device | None:
         return self.devices.get(int(user_id))
 
     def forget(self, user_id: int) -> None:
         """Drop a device and its bookkeeping (a service bounding its memory)."""
         u = int(user_id)
-        for d in (self.devices, self.cached, self.cached_at, self.last_upload_n, self.last_personalize_n):
+        for d in (self.devices, self.cached, self.cached_at, self.last_upload_n, self.last_personalize_n, self.evaluated):
             d.pop(u, None)
 
     def _new_device(self, u: int) -> Device:
         dev = Device(u, self.reranker, self.device_config, self.keyring.key_for(u), self.model_version)
         dev.record_examples = self.record_examples
+        dev.record_trial_negatives = self.scores_trials
         if self.seq_start is not None:
             dev.seq = int(self.seq_start(u))
         self.strategy.configure_device(dev)
@@ -127,6 +140,7 @@ class StrategyFleet:
             self.bytes_down += cands.nbytes
             if sync:
                 syncs.append((dev, t, tag))
+                self._maybe_evaluate(dev, t, tag)
         if s.personalize_steps:
             due = [dev for dev, _, _ in syncs if dev.history.n - self.last_personalize_n.get(dev.device_id, 0) >= self.min_new]
             personalize_devices(due, s.personalize_steps)
@@ -156,6 +170,22 @@ class StrategyFleet:
     def take_outbox(self) -> list[tuple[bytes, int]]:
         out, self.outbox = self.outbox, []
         return out
+
+    def _maybe_evaluate(self, dev: Device, t: int, tag: int) -> None:
+        """At a sync, a device that has not scored the current trial does, on its fresh feedback
+        (it downloads the trial only then), and sends the verdict."""
+        if self.trial is None or not self.scores_trials or self.evaluated.get(dev.device_id, -1) >= self.trial_version:
+            return
+        env = dev.make_evaluation(self.trial, self.trial_version, t)
+        if env is None:
+            return  # no fresh feedback yet: it scores the trial at a later sync
+        self.evaluated[dev.device_id] = self.trial_version
+        raw = env.encode()
+        self.outbox.append((raw, tag))
+        self.bytes_down += self.trial_nbytes
+        self.bytes_up += len(raw)
+        self.uploads += 1
+        self.evaluations += 1
 
     def _maybe_upload(self, dev: Device, trigger: str, t: int, tag: int) -> None:
         """Ask the strategy's policy whether to upload now; send each family that has something new."""

@@ -20,9 +20,10 @@ from streams.candidates import Candidates, quantize_rows
 from cloud_recsys.index import ItemIndex
 from cloud_recsys.recommender import CloudRecommender, Request
 from device_rerank.config import CTX_FEATURES, DeviceConfig
-from device_rerank.encoders import HardExamples
+from device_rerank.encoders import HardExamples, TrialEvaluation
 from device_rerank.envelope import Keyring, UpdateVerifier, make_verifier
 from device_rerank.reranker import Reranker
+from tandem.strategies.aggregate import trimmed_mean
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ _RANK_FRAC = CTX_FEATURES.index("rank_frac")
 
 #: Every HOLDOUT_EVERY-th device batch of data examples is held out to gate the cloud fit.
 HOLDOUT_EVERY = 5
+#: The ship gate: a trial reranker needs this many devices' verdicts ...
+TRIAL_MIN_DEVICES = 16
+#: ... within this many rounds, or it is dropped (never shipped on too little evidence).
+TRIAL_MAX_ROUNDS = 3
+#: Share of verdicts trimmed from each side before averaging (a few lying devices cannot decide).
+TRIAL_TRIM = 0.1
 
 
 def _in_list_rows(batches: Sequence[HardExamples]) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +72,12 @@ class StrategyCloud:
         data_fit_lr / data_fit_l2: Adam step and pull-to-previous of that fit (defaults: the
             evaluation's ``EvalConfig``, so the services run the same rule).
         trust_radius: shipped rerankers stay within this L2 distance of the initial one.
+        trial_min_devices: the ship gate (Flower's evaluate round, asynchronous): a changed
+            reranker is first a *trial*; devices score it against the shipped one on their
+            feedback that no update carried (``Device.make_evaluation``), and it ships only
+            when at least this many did within ``trial_max_rounds`` rounds and their trimmed
+            mean loss difference is not positive. 0 ships every change at once (no gate).
+        trial_max_rounds: rounds a trial waits for verdicts before it is dropped.
     """
 
     def __init__(
@@ -74,8 +87,16 @@ class StrategyCloud:
         data_fit_lr: float = 0.05,
         data_fit_l2: float = 1.0,
         trust_radius: float | None = None,
+        trial_min_devices: int = TRIAL_MIN_DEVICES,
+        trial_max_rounds: int = TRIAL_MAX_ROUNDS,
     ) -> None:
         self.trust_radius = trust_radius
+        self.trial_min_devices = int(trial_min_devices)
+        self.trial_max_rounds = int(trial_max_rounds)
+        self.trial: Reranker | None = None  # the changed reranker devices are scoring
+        self.trial_version = -1
+        self._trial_rounds = 0
+        self._verdicts: dict[int, TrialEvaluation] = {}  # device -> its latest verdict on the trial
         self._anchor = reranker.flat_parameters() if trust_radius is not None else None
         self.data_fit_lr = data_fit_lr
         self.data_fit_l2 = data_fit_l2
@@ -88,6 +109,7 @@ class StrategyCloud:
         self._pending_model_delta: np.ndarray | None = None
         self._examples: list[HardExamples] = []
         self.gate_log: list[dict[str, float | int | bool]] = []  # one entry per gated data fit
+        self.trial_log: list[dict[str, float | int | bool | str]] = []  # one entry per trial decided
         self.version = 0
         self.item_ids = np.zeros(0, dtype=np.int64)
         self.item_vecs = np.zeros((0, reranker.config.emb_dim), dtype=np.float32)
@@ -118,6 +140,12 @@ class StrategyCloud:
 
     def add_examples(self, examples: Sequence[tuple[int, HardExamples]]) -> None:
         self._examples.extend(ex for _, ex in examples)
+
+    def add_evaluations(self, evaluations: Sequence[tuple[int, TrialEvaluation]]) -> None:
+        """Keep each device's latest verdict on the current trial (verdicts on older trials are moot)."""
+        for device, ev in evaluations:
+            if self.trial is not None and ev.trial_version == self.trial_version:
+                self._verdicts[int(device)] = ev
 
     @property
     def overlay_empty(self) -> bool:
@@ -185,19 +213,50 @@ class StrategyCloud:
         if len(vecs):
             self.emb_q, self.emb_scale = quantize_rows(vecs)
         self.version += 1
-        if self._pending_model_delta is None and not self._examples:
-            return False
+        shipped = self._decide_trial() if self.trial is not None else False
+        if self.trial is not None or (self._pending_model_delta is None and not self._examples):
+            return shipped  # a trial is still being scored: later changes wait for its verdict
         model = copy.deepcopy(self.reranker)
         new_model = self._pending_model_delta is not None
         if new_model:
             model.apply_delta(self._pending_model_delta)
             self._pending_model_delta = None
         new_model |= self._fit_on_examples(model)  # False: nothing to fit, or the held-out gate said no
-        if new_model:
-            self._project_to_trust_region(model)
-            self.reranker = model
-            self.model_version = self.version
-        return new_model
+        if not new_model:
+            return shipped
+        self._project_to_trust_region(model)
+        if self.trial_min_devices <= 0:
+            self._ship(model)
+            return True
+        self.trial, self.trial_version, self._trial_rounds, self._verdicts = model, self.version, 0, {}
+        return shipped
+
+    def _ship(self, model: Reranker) -> None:
+        self.reranker = model
+        self.model_version = self.version
+
+    def _decide_trial(self) -> bool:
+        """Ship the trial if enough devices scored it and it is no worse on their fresh
+        feedback; drop it if it is worse or the evidence did not come in time. Returns shipped."""
+        assert self.trial is not None
+        self._trial_rounds += 1
+        n = len(self._verdicts)
+        if n < self.trial_min_devices and self._trial_rounds < self.trial_max_rounds:
+            return False
+        diff = float("nan")
+        if n >= self.trial_min_devices:
+            diffs = np.array([[ev.difference] for ev in self._verdicts.values()])
+            diff = float(trimmed_mean(diffs, TRIAL_TRIM)[0])
+            verdict = "shipped" if diff <= 0.0 else "worse"
+        else:
+            verdict = "too_few_verdicts"
+        self.trial_log.append({"trial": self.trial_version, "devices": n, "rounds": self._trial_rounds, "difference": diff, "verdict": verdict})
+        logger.debug("trial %d: %s (%d devices, difference %.4g)", self.trial_version, verdict, n, diff)
+        model, self.trial, self.trial_version, self._verdicts = self.trial, None, -1, {}
+        if verdict != "shipped":
+            return False
+        self._ship(model)
+        return True
 
     def _project_to_trust_region(self, model: Reranker) -> None:
         """Keep the shipped reranker within ``trust_radius`` of the one the fleet started with.
