@@ -91,9 +91,9 @@ class FleetShards:
             blob = ray.put(list(fleets))
             self.actors = [actor.remote(blob) for _ in range(self.n)]
             ray.get([a.traffic.remote() for a in self.actors])  # up and answering (raises here if not)
-        except Exception:
+        except Exception as exc:
             self.close()
-            raise
+            raise ShardsUnavailable(f"fleet shard actors did not start: {_first_line(exc)}") from None
 
     def run_window(self, w: Window, served: Sequence[dict[int, Candidates]], timed: np.ndarray, maxk: int) -> Shown:
         """Every shard's share of the window, run concurrently; the shown lists merged."""
@@ -175,6 +175,10 @@ def connect() -> tuple[Any, bool]:
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShardsUnavailable(f"could not start Ray for fleet shards: {first}") from None
+        raise ShardsUnavailable(f"could not start Ray for fleet shards: {_first_line(exc)}") from None
     return ray, True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
