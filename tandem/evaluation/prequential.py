@@ -366,7 +366,7 @@ def _run(
     wall = time.perf_counter() - t_start
     timings["other_s"] = max(0.0, wall - sum(timings.values()))
     timings["replay_total_s"] = wall
-    timings["devices_busy_s"] = fleets.busy_s  # device work itself (with shards: the busiest shard's, per window)
+    timings.update(fleets.timings())  # device work itself (with shards: the busiest shard's per window, and the overheads)
     dd = device_days(users, ts)
     stream_stale = stream_stale_sum / max(stream_stale_n, 1)
     results: list[StrategyResult] = []
@@ -404,7 +404,7 @@ def _run(
         n_users=int(len(np.unique(users))),
         n_items=int(len(np.unique(items))),
         device_days=dd,
-        config={**dataclasses.asdict(config), "repeat_domain": repeat_domain, "cloud": type(cloud).__name__, "fusion_weights": _fusion_weights(cloud)},
+        config={**dataclasses.asdict(config), **({"fleet_shards": fleet_shards} if fleet_shards else {}), "repeat_domain": repeat_domain, "cloud": type(cloud).__name__, "fusion_weights": _fusion_weights(cloud)},
         results=results,
         wall_s=wall,
         timings=timings,

@@ -84,6 +84,7 @@ class FleetShards:
         self.busy_s = 0.0  # per window, the busiest shard's device seconds, summed
         self.wire_s = 0.0  # per window, driver wall minus the busiest shard's work (split, transfer, merge)
         self._outbox: list[list[tuple[bytes, int]]] = [[] for _ in fleets]
+        t0 = time.perf_counter()
         self._ray, self._started = connect()
         ray = self._ray
         try:
@@ -94,6 +95,7 @@ class FleetShards:
         except Exception as exc:
             self.close()
             raise ShardsUnavailable(f"fleet shard actors did not start: {_first_line(exc)}") from None
+        self.start_s = time.perf_counter() - t0  # Ray (unless already up) and the actors, to the first answer
 
     def run_window(self, w: Window, served: Sequence[dict[int, Candidates]], timed: np.ndarray, maxk: int) -> Shown:
         """Every shard's share of the window, run concurrently; the shown lists merged."""
@@ -134,6 +136,9 @@ class FleetShards:
         """Per fleet: (bytes up, bytes down, uploads), summed over shards."""
         per_shard = self._ray.get([a.traffic.remote() for a in self.actors])
         return [tuple(int(sum(x)) for x in zip(*(p[fi] for p in per_shard))) for fi in range(self.n_fleets)]  # type: ignore[misc]
+
+    def timings(self) -> dict[str, float]:
+        return {"devices_busy_s": self.busy_s, "shards_wire_s": self.wire_s, "shards_start_s": self.start_s}
 
     def close(self) -> None:
         """End the actors; shut Ray down when this runner started it (a cluster already up is left running)."""

@@ -155,5 +155,8 @@ class LocalFleets:
         """Per fleet: (bytes up, bytes down, uploads)."""
         return [(f.bytes_up, f.bytes_down, f.uploads) for f in self.fleets]
 
+    def timings(self) -> dict[str, float]:
+        return {"devices_busy_s": self.busy_s}
+
     def close(self) -> None:
         pass
