@@ -5,7 +5,9 @@ Replays the first N events once per shard count for the device strategy (hybrid 
 plus cloud-only in process for the ratio, and prints per run: the wall, events/s of the loop
 (wall less the shards' start: Ray is started once up front and reused, each run still starts
 its actors), the speed-up vs shards=0, the device time (driver wall of the device phase), the
-busiest shard's device work summed over windows, the wire (split, transfer, merge: device
+busiest shard's device work summed over windows, every shard's work summed (all_shards_s: about
+busiest_s x shards when the split is even and the cores free; on fewer free cores than shards the
+shards' work stretches as they wait for a core), the wire (split, transfer, merge: device
 phase less the busiest shard), and NDCG@10, which must be identical for every shard count.
 
     python bench/bench_fleet_shards.py [--source twitch|synthetic] [--events 12000] [--shards 0,1,2,4] [--strategies hybrid]
@@ -63,13 +65,13 @@ def main() -> int:
     print(f"source={source} events={n:,} strategies={a.strategies} cores={os.cpu_count()} load1={load:.2f}")
     print(f"cloud-only in process: {cloud_eps:,.0f} events/s")
     base = rows[0][2] if rows and rows[0][0] == 0 else None
-    head = f"{'shards':>6}{'wall_s':>9}{'start_s':>9}{'events/s':>10}{'speed-up':>10}{'vs cloud':>10}{'devices_s':>11}{'busiest_s':>11}{'wire_s':>9}  NDCG@10"
+    head = f"{'shards':>6}{'wall_s':>9}{'start_s':>9}{'events/s':>10}{'speed-up':>10}{'vs cloud':>10}{'devices_s':>11}{'busiest_s':>11}{'all_shards_s':>14}{'wire_s':>9}  NDCG@10"
     print(head)
     for s, wall, eps, t, ndcg in rows:
         up = f"{eps / base:.2f}x" if base else "-"
         print(
             f"{s:>6}{wall:>9.1f}{t.get('shards_start_s', 0.0):>9.1f}{eps:>10,.0f}{up:>10}{eps / cloud_eps:>9.2f}x"
-            f"{t.get('devices_s', 0.0):>11.1f}{t.get('devices_busy_s', 0.0):>11.1f}{t.get('shards_wire_s', 0.0):>9.1f}  "
+            f"{t.get('devices_s', 0.0):>11.1f}{t.get('devices_busy_s', 0.0):>11.1f}{t.get('shards_work_s', t.get('devices_busy_s', 0.0)):>14.1f}{t.get('shards_wire_s', 0.0):>9.1f}  "
             + ",".join(f"{x:.6f}" for x in ndcg)
         )
     same = len({r[4] for r in rows}) <= 1

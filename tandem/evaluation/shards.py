@@ -82,6 +82,7 @@ class FleetShards:
         self.n = int(n)
         self.n_fleets = len(fleets)
         self.busy_s = 0.0  # per window, the busiest shard's device seconds, summed
+        self.work_s = 0.0  # every shard's device seconds, summed (busy_s x n when the split is even and cores are free)
         self.wire_s = 0.0  # per window, driver wall minus the busiest shard's work (split, transfer, merge)
         self._outbox: list[list[tuple[bytes, int]]] = [[] for _ in fleets]
         t0 = time.perf_counter()
@@ -117,6 +118,7 @@ class FleetShards:
             for fi, out in enumerate(outboxes):
                 self._outbox[fi].extend(out)
             busy = max(busy, shard_s)
+            self.work_s += shard_s
         self.busy_s += busy
         self.wire_s += time.perf_counter() - t0 - busy
         return shown
@@ -138,7 +140,7 @@ class FleetShards:
         return [tuple(int(sum(x)) for x in zip(*(p[fi] for p in per_shard))) for fi in range(self.n_fleets)]  # type: ignore[misc]
 
     def timings(self) -> dict[str, float]:
-        return {"devices_busy_s": self.busy_s, "shards_wire_s": self.wire_s, "shards_start_s": self.start_s}
+        return {"devices_busy_s": self.busy_s, "shards_work_s": self.work_s, "shards_wire_s": self.wire_s, "shards_start_s": self.start_s}
 
     def close(self) -> None:
         """End the actors; shut Ray down when this runner started it (a cluster already up is left running)."""
