@@ -258,15 +258,26 @@ def _run(
             if base_logs:
                 simple.start_window(max(config.k * 4, 400))
 
+            lives: list[set[int] | None] = []
+            for t in ts[w0:w1].tolist():
+                lv = live.at(t)
+                lives.append(lv[1] if lv is not None else None)
+
+            # ---- fleets with devices: each device's events in order, batched across devices. In
+            # process this runs now; shards run it while this process goes on with the window
+            td = time.perf_counter()
+            if devs:
+                window = Window(np.arange(w0, w1), users[w0:w1], ts[w0:w1], items[w0:w1], kinds[w0:w1], vals[w0:w1], is_pos[w0:w1], fetch[w0:w1], sync[w0:w1], lives)
+                timed = latency_flags(window, [len(r.log) for _, r in devs], config.latency_sample_every)
+                pending = fleets.start_window(window, [served.get(ri, {}) for ri, _ in devs], timed, max(config.ks))
+            timings["devices_s"] += time.perf_counter() - td
+
             # ---- test, then learn: baselines, bookkeeping and fleets without devices event by event
             plain = [(ri, r) for ri, r in enumerate(runs) if not r.strategy.rerank]
             rep_w = np.zeros(w1 - w0, dtype=bool)
-            lives: list[set[int] | None] = []
             for j in range(w0, w1):
                 u, t, it = int(users[j]), int(ts[j]), int(items[j])
-                lv = live.at(t)
-                live_set = lv[1] if lv is not None else None
-                lives.append(live_set)
+                live_set = lives[j - w0]
                 pos = bool(is_pos[j])
                 if pos:
                     hist = engaged.setdefault(u, set())
@@ -301,15 +312,6 @@ def _run(
                     if d is None:
                         d = sessions[u] = deque(maxlen=session_len)
                     d.append((it, t))
-            # ---- fleets with devices: each device's events in order, batched across devices (in process or in shards)
-            td = time.perf_counter()
-            if devs:
-                window = Window(np.arange(w0, w1), users[w0:w1], ts[w0:w1], items[w0:w1], kinds[w0:w1], vals[w0:w1], is_pos[w0:w1], fetch[w0:w1], sync[w0:w1], lives)
-                timed = latency_flags(window, [len(r.log) for _, r in devs], config.latency_sample_every)
-                shown = fleets.run_window(window, [served.get(ri, {}) for ri, _ in devs], timed, max(config.ks))
-                _log_shown(window, [r for _, r in devs], shown, rep_w, relevant)
-            timings["devices_s"] += time.perf_counter() - td
-
             # ---- the cloud ingests the window (after every prediction in it)
             t0 = time.perf_counter()
             wb = whole.take(np.arange(w0, w1))
@@ -319,6 +321,12 @@ def _run(
                 simple.ingest(users[pw], items[pw], ts[pw])
             pending_ingested.append((w0, w1))
             timings["cloud_train_s"] += time.perf_counter() - t0
+
+            # ---- what the fleets with devices showed (shards: wait for them), logged in event order
+            td = time.perf_counter()
+            if devs:
+                _log_shown(window, [r for _, r in devs], fleets.finish_window(pending), rep_w, relevant)
+            timings["devices_s"] += time.perf_counter() - td
             since_refresh += w1 - w0
 
             # ---- refresh + aggregation round

@@ -5,7 +5,7 @@ shard ``s`` owns, for every strategy that reranks, a ``StrategyFleet`` of the us
 ``user_id % N == s`` (its own copy of the strategy, whose upload policy keeps per-device
 state). The driver keeps the cloud, the baselines, the served lists and the logs.
 
-Per window, over the wire (``FleetShards.run_window``), concurrently to every shard:
+Per window, over the wire (``FleetShards.start_window``), concurrently to every shard:
 
 * to a shard: its users' events (``Window.take``: event indices, users, times, items, kinds,
   values, point/fetch/sync flags and the live set at each), per strategy the served
@@ -13,7 +13,8 @@ Per window, over the wire (``FleetShards.run_window``), concurrently to every sh
   globally, so it decides which re-scores are timed);
 * back: what each point showed per (strategy, event index) (``ranking[:maxk]``, latency or
   None, when the list was fetched), the uploads sent meanwhile (``(envelope, event index)``)
-  and the shard's busy seconds.
+  and the shard's busy seconds (``finish_window``, after the driver trained the cloud on the
+  window meanwhile: device work and cloud training overlap).
 
 At a round the driver sorts the collected uploads by event index (stable: one event's uploads
 come from one shard, in send order), exactly as in process, and a new shared reranker goes to
@@ -83,7 +84,7 @@ class FleetShards:
         self.n_fleets = len(fleets)
         self.busy_s = 0.0  # per window, the busiest shard's device seconds, summed
         self.work_s = 0.0  # every shard's device seconds, summed (busy_s x n when the split is even and cores are free)
-        self.wire_s = 0.0  # per window, driver wall minus the busiest shard's work (split, transfer, merge)
+        self.wire_s = 0.0  # the driver's share of the wire: split and send, then merge (transfers overlap the shards' work)
         self._outbox: list[list[tuple[bytes, int]]] = [[] for _ in fleets]
         t0 = time.perf_counter()
         self._ray, self._started = connect()
@@ -98,8 +99,8 @@ class FleetShards:
             raise ShardsUnavailable(f"fleet shard actors did not start: {_first_line(exc)}") from None
         self.start_s = time.perf_counter() - t0  # Ray (unless already up) and the actors, to the first answer
 
-    def run_window(self, w: Window, served: Sequence[dict[int, Candidates]], timed: np.ndarray, maxk: int) -> Shown:
-        """Every shard's share of the window, run concurrently; the shown lists merged."""
+    def start_window(self, w: Window, served: Sequence[dict[int, Candidates]], timed: np.ndarray, maxk: int) -> list[Any]:
+        """Send every shard its share of the window (all calls in flight at once); returns the futures."""
         t0 = time.perf_counter()
         owner = w.users % self.n
         calls = []
@@ -111,16 +112,23 @@ class FleetShards:
             fetched = part.idx[part.fetch & part.is_pos].tolist()
             srv = [{j: by_event[j] for j in fetched} for by_event in served]
             calls.append(actor.run_window.remote(part, srv, timed[:, offsets], maxk))
+        self.wire_s += time.perf_counter() - t0
+        return calls
+
+    def finish_window(self, calls: list[Any]) -> Shown:
+        """Wait for the shards of ``start_window``; their shown lists merged, their uploads kept for the round."""
+        results = self._ray.get(calls)
+        t0 = time.perf_counter()
         shown: Shown = {}
         busy = 0.0
-        for part_shown, outboxes, shard_s in self._ray.get(calls):
+        for part_shown, outboxes, shard_s in results:
             shown.update(part_shown)
             for fi, out in enumerate(outboxes):
                 self._outbox[fi].extend(out)
             busy = max(busy, shard_s)
             self.work_s += shard_s
         self.busy_s += busy
-        self.wire_s += time.perf_counter() - t0 - busy
+        self.wire_s += time.perf_counter() - t0
         return shown
 
     def take_outbox(self, fi: int) -> list[tuple[bytes, int]]:

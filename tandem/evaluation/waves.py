@@ -5,7 +5,8 @@ A window is a mini-batch of events (``Window``, any subset that keeps each user'
 whole, e.g. one shard's users). ``device_waves`` runs every device's events in order for a
 set of fleets and returns what each user was shown; the caller logs it. ``LocalFleets`` and
 ``shards.FleetShards`` are the two drivers of it (same methods): fleets in this process, or
-fleets split by user over Ray actors.
+fleets split by user over Ray actors. A window is started (``start_window``) and finished
+(``finish_window``) apart, so the shards work while the driver trains the cloud on the window.
 """
 
 from __future__ import annotations
@@ -136,11 +137,15 @@ class LocalFleets:
         self.fleets = list(fleets)
         self.busy_s = 0.0  # device work (here: all of it)
 
-    def run_window(self, w: Window, served: Sequence[dict[int, Candidates]], timed: np.ndarray, maxk: int) -> Shown:
+    def start_window(self, w: Window, served: Sequence[dict[int, Candidates]], timed: np.ndarray, maxk: int) -> Shown:
+        """Run the window's device work (``device_waves``' arguments); ``finish_window`` hands back what was shown."""
         t0 = time.perf_counter()
         shown = device_waves(w, self.fleets, served, timed, maxk)
         self.busy_s += time.perf_counter() - t0
         return shown
+
+    def finish_window(self, pending: Shown) -> Shown:
+        return pending
 
     def take_outbox(self, fi: int) -> list[tuple[bytes, int]]:
         """Fleet ``fi``'s uploads since the last call (``(envelope, event index)``, in send order)."""
