@@ -68,3 +68,15 @@ def test_cli_bad_fleet_shards_exit_2_with_one_line(args: list[str], needle: str)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.exit_code == 2, res.output
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output, res.stderr
+
+
+def test_failed_ray_start_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem.evaluation.shards import ShardsUnavailable, connect
+
+    def broken(**_: object) -> None:
+        raise RuntimeError("no room for the raylet\nsecond line of a long story")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", broken)
+    with pytest.raises(ShardsUnavailable, match="could not start Ray for fleet shards: no room for the raylet$"):
+        connect()
