@@ -77,7 +77,7 @@ from tandem.evaluation.protocol import (
 )
 from tandem.evaluation import saved
 from tandem.evaluation.results import EvaluationResult, Points, StrategyResult
-from tandem.evaluation.waves import LocalFleets, Shown, Window, latency_flags
+from tandem.evaluation.waves import Fleets, LocalFleets, Shown, Window, latency_flags
 from tandem.strategies.base import Strategy
 from tandem.strategies.fleet import StrategyFleet
 from tandem.strategies.server import StrategyCloud, serve_candidates, verifier_for
@@ -231,7 +231,7 @@ def _run(
     # the fleets with devices: driven here, or split by user over Ray actors (``shards.py``)
     devs = [(ri, r) for ri, r in enumerate(runs) if r.strategy.rerank]
     dev_index = {ri: fi for fi, (ri, _) in enumerate(devs)}
-    fleets: Any = LocalFleets([r.fleet for _, r in devs])
+    fleets: Fleets = LocalFleets([r.fleet for _, r in devs])
     if fleet_shards > 0 and devs:
         from tandem.evaluation.shards import FleetShards
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -128,6 +128,19 @@ def device_waves(
             for o in wave:
                 fleet.observe(int(w.users[o]), int(w.ts[o]), int(w.items[o]), int(w.kinds[o]), float(w.vals[o]), bool(w.is_pos[o]), tag=idx[o])
     return shown
+
+
+class Fleets(Protocol):
+    """What the driver asks of the fleets with devices (``LocalFleets``, ``shards.FleetShards``);
+    fleet ``fi`` is the ``fi``-th of the fleets it was built with."""
+
+    def start_window(self, w: Window, served: Sequence[dict[int, Candidates]], timed: np.ndarray, maxk: int) -> Any: ...
+    def finish_window(self, pending: Any) -> Shown: ...
+    def take_outbox(self, fi: int) -> list[tuple[bytes, int]]: ...
+    def set_models(self, models: dict[int, tuple[Reranker, int]]) -> None: ...
+    def traffic(self) -> list[tuple[int, int, int]]: ...
+    def timings(self) -> dict[str, float]: ...
+    def close(self) -> None: ...
 
 
 class LocalFleets:
