@@ -90,7 +90,7 @@ class FleetShards:
         self._ray, self._started = connect()
         ray = self._ray
         try:
-            actor = ray.remote(num_cpus=0)(FleetShard)
+            actor = ray.remote(num_cpus=0, runtime_env={"env_vars": {"PYTHONPATH": _code_path()}})(FleetShard)  # this checkout's code, even in a cluster already up
             blob = ray.put(list(fleets))
             self.actors = [actor.remote(blob) for _ in range(self.n)]
             ray.get([a.traffic.remote() for a in self.actors])  # up and answering (raises here if not)
@@ -168,7 +168,7 @@ def connect() -> tuple[Any, bool]:
     """``(ray, started_here)``: the running Ray, or a local one started quietly.
 
     Local: ``num_cpus`` = the cores this process may use, no dashboard, workers' logs not
-    forwarded, and the workers import this checkout (its folder first on ``PYTHONPATH``).
+    forwarded.
     Raises ``ShardsUnavailable`` (one line) when Ray is missing or does not start.
     """
     try:
@@ -177,8 +177,6 @@ def connect() -> tuple[Any, bool]:
         raise ShardsUnavailable(f"fleet shards need Ray, which is not installed ({exc}); pip install ray==2.60.0") from None
     if ray.is_initialized():
         return ray, False
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.pathsep.join([root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root)])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         ray.init(
@@ -187,11 +185,16 @@ def connect() -> tuple[Any, bool]:
             log_to_driver=False,
             logging_level=logging.ERROR,
             configure_logging=True,
-            runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
     except Exception as exc:
         raise ShardsUnavailable(f"could not start Ray for fleet shards: {_first_line(exc)}") from None
     return ray, True
+
+
+def _code_path() -> str:
+    """``PYTHONPATH`` for the shards: this checkout first (not another install of tandem)."""
+    root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join([root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root)])
 
 
 def _first_line(exc: BaseException) -> str:
