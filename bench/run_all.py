@@ -28,6 +28,7 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "load": ("bench_load.py", ["--seconds", "600", "--every", "30"], ["--seconds", "20"]),
     "evaluate": ("bench_evaluate.py", [], ["movielens"]),
     "loop-speed": ("bench_loop_speed.py", ["--events", "20000"], ["--events", "5000"]),
+    "fleet-shards": ("bench_fleet_shards.py", [], ["--source", "synthetic", "--events", "3000", "--shards", "0,2"]),
 }
 
 

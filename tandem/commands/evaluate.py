@@ -215,7 +215,12 @@ def evaluate(
         "auto", "--sweep-strategy", help="Strategy whose upload policy is swept (auto: the first of hybrid, federated, data, feature selected)."
     ),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates for the intervals."),
-    workers: int = typer.Option(2, "--workers", help="Replay processes (strategies split between them; same results as 1)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="Replay processes (strategies split between them; same results as 1). [default: 2; 1 with --fleet-shards]"
+    ),
+    fleet_shards: int = typer.Option(
+        0, "--fleet-shards", help="Split each strategy's simulated devices by user over this many Ray actors (0: in process; same results)."
+    ),
     trust_radius: float = typer.Option(
         0.5, "--trust-radius", help="Max L2 drift of the shipped reranker from the fleet's starting one (<= 0: unbounded)."
     ),
@@ -235,7 +240,8 @@ def evaluate(
 
     Every strategy runs on the production cloud recommender (two-tower, item-to-item, trending
     and repeat channels, ranked by a model trained on the stream), against simple baselines on
-    the same prediction points. --workers splits strategies over processes (identical results).
+    the same prediction points. --workers splits strategies over processes, --fleet-shards one replay's
+    devices over Ray actors (both: identical results).
 
     Examples: tandem evaluate synthetic --events 20000;  tandem evaluate clicks.tsv --columns user=SessionId,item=ItemId,ts=Time
     """
@@ -249,6 +255,15 @@ def evaluate(
     check_positive(batch_size, "--batch-size")
     check_positive(n_boot, "--n-boot")
     check_positive(workers, "--workers")
+    check_positive(fleet_shards, "--fleet-shards", allow_zero=True)
+    if fleet_shards > 0:
+        if workers is not None and workers > 1:
+            fail("--fleet-shards and --workers > 1 cannot be combined (the shards split one replay's devices); use --workers 1")
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            fail("--fleet-shards needs Ray, which is not installed (pip install ray==2.60.0)")
+    workers = workers if workers is not None else (1 if fleet_shards > 0 else 2)
     check_positive(refresh_every, "--refresh-every")
     check_positive(fetch_every_min, "--fetch-every-min")
     if not math.isfinite(trust_radius):
@@ -299,7 +314,7 @@ def evaluate(
             refetch_every=refetch_every,
             seed=seed,
         )
-        result = _replay(log, strats, config, workers, err, source, save_model)
+        result = _replay(log, strats, config, workers, err, source, save_model, fleet_shards)
         if thresholds and swept:
             result.frontier = frontier(result, swept)
         result.wall_s = time.perf_counter() - t0
@@ -318,7 +333,9 @@ def evaluate(
         Console().print(f"models: {save_model} (manifest.json; tandem.evaluation.saved.load_saved reads it)", highlight=False, soft_wrap=True)
 
 
-def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any, source: str, save_to: Path | None = None) -> Any:
+def _replay(
+    log: Any, strats: list[Any], config: Any, workers: int, console: Any, source: str, save_to: Path | None = None, fleet_shards: int = 0
+) -> Any:
     """Run the replay under one progress bar that covers every worker.
 
     Each worker replays the same events for its share of the strategies; the bar counts
@@ -329,10 +346,11 @@ def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any
 
     from tandem.evaluation.prequential import run_prequential
     from tandem.evaluation.protocol import replayed_events
+    from tandem.evaluation.shards import ShardsUnavailable
 
     n_workers = min(workers, len(strats)) if workers > 1 and len(strats) > 1 else 1
     n = replayed_events(log, config)
-    label = f"replay {source}" + (f" ({n_workers} workers)" if n_workers > 1 else "")
+    label = f"replay {source}" + (f" ({n_workers} workers)" if n_workers > 1 else "") + (f" ({fleet_shards} fleet shards)" if fleet_shards else "")
     unit = "events" if n_workers == 1 else f"events x{n_workers}"
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
@@ -343,7 +361,10 @@ def _replay(log: Any, strats: list[Any], config: Any, workers: int, console: Any
         def progress(i: int, total: int) -> None:
             bar.update(task, completed=i, total=total)
 
-        result = run_prequential(log, strats, config, progress=progress, workers=workers, save_to=save_to)
+        try:
+            result = run_prequential(log, strats, config, progress=progress, workers=workers, save_to=save_to, fleet_shards=fleet_shards)
+        except ShardsUnavailable as exc:
+            fail(str(exc))
         bar.update(task, description=f"replay {source}: done")
     return result
 

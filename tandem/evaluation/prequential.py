@@ -26,8 +26,10 @@ Protocol (River's ``progressive_val_score`` applied to a recommender system):
 
 Layout: this module is the thin driver (``run_prequential``, ``_run``: serve, test, learn,
 aggregate, per window); ``protocol.py`` holds what is predicted when and against what
-(config, prediction points, fetch/sync flags, relevant sets, availability, domain), and
-``parallel.py`` the multi-process runner.
+(config, prediction points, fetch/sync flags, relevant sets, availability, domain),
+``waves.py`` the device work of a window (one implementation, run here or in a shard),
+``parallel.py`` the multi-process runner (strategies split over processes) and ``shards.py``
+the Ray runner (one replay's devices split by user over actors).
 
 Sharing work: one cloud training pass serves every strategy. Strategy-specific
 cloud state (interest vectors, item-row deltas, reranker weights) is an overlay on
@@ -50,7 +52,6 @@ import torch
 
 from streams.candidates import Candidates
 from device_rerank.config import DeviceConfig, RerankerConfig
-from device_rerank.device import rescore_devices, time_single_rescore
 from device_rerank.envelope import DecodedUpdate, Keyring, UpdateRejected, UpdateVerifier
 from device_rerank.reranker import Reranker
 from streams.batch import EventBatch
@@ -76,6 +77,7 @@ from tandem.evaluation.protocol import (
 )
 from tandem.evaluation import saved
 from tandem.evaluation.results import EvaluationResult, Points, StrategyResult
+from tandem.evaluation.waves import Fleets, LocalFleets, Shown, Window, latency_flags
 from tandem.strategies.base import Strategy
 from tandem.strategies.fleet import StrategyFleet
 from tandem.strategies.server import StrategyCloud, serve_candidates, verifier_for
@@ -114,6 +116,7 @@ def run_prequential(
     reference: str = "cloud-only",
     workers: int = 1,
     save_to: Path | str | None = None,
+    fleet_shards: int = 0,
 ) -> EvaluationResult:
     """Replay ``log`` through every strategy on the same events; returns the summaries.
 
@@ -132,18 +135,25 @@ def run_prequential(
             divides wall time by up to ``workers`` when cores are free.
         save_to: a folder to save the trained cloud and each strategy's shared reranker in
             at the end (``saved.py``: layout, and ``load_saved`` to read it back).
+        fleet_shards: 0 (default) drives every device in this process; N > 0 splits the
+            devices of each strategy that reranks over N Ray actors by user
+            (``user_id % N``; ``shards.py``), with the same results. Not with ``workers > 1``.
     """
     config = config or EvalConfig()
     labels = [s.label for s in strategies]
     if len(set(labels)) != len(labels):
         raise ValueError(f"strategy labels must be unique: {labels}")
+    if fleet_shards < 0:
+        raise ValueError(f"fleet_shards must be 0 or more, got {fleet_shards}")
+    if fleet_shards > 0 and workers > 1:
+        raise ValueError("fleet_shards and workers > 1 cannot be combined: Ray shards the devices of one replay process")
     if workers > 1 and len(strategies) > 1:
         result = run_parallel(log, strategies, config, cloud_factory, progress, reference, workers, save_to)
     else:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny per-user forwards: thread fan-out costs 5x more than it saves
         try:
-            result = _run(log, strategies, config, cloud_factory, progress, reference, save_to=save_to)
+            result = _run(log, strategies, config, cloud_factory, progress, reference, save_to=save_to, fleet_shards=fleet_shards)
         finally:
             torch.set_num_threads(threads)
         _compare(result.results, reference, config)
@@ -162,10 +172,12 @@ def _run(
     baselines: bool = True,
     save_to: Path | str | None = None,
     save_cloud: bool = True,
+    fleet_shards: int = 0,
 ) -> EvaluationResult:
     """One replay of ``strategies``; ``vs_reference`` is left empty (the caller compares once, on all results).
 
     ``save_to``: save this replay's strategies (and the cloud, with ``save_cloud``) there at the end.
+    ``fleet_shards``: drive the fleets with devices in this many Ray actors (0: in process).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {"cloud_train_s": 0.0, "retrieval_s": 0.0, "devices_s": 0.0, "rounds_s": 0.0, "baselines_s": 0.0}
@@ -217,119 +229,155 @@ def _run(
     for r in runs:
         r.cloud.refresh(cloud)
 
-    for w0 in range(0, n, config.batch_size):
-        w1 = min(n, w0 + config.batch_size)
-        # ---- serve: batched retrieval for every fetch in this window (state at window start)
-        t0 = time.perf_counter()
-        fidx = np.flatnonzero(fetch[w0:w1]) + w0
-        served: dict[int, dict[int, Candidates]] = {}
-        if len(fidx):
-            served_reqs = window_requests(fidx, users, ts, items, is_pos_raw, w0, sessions, engaged, session_len, repeat_domain, allowed_at)
-            by_key: dict[str, dict[int, Candidates]] = {}
-            request_bytes = sum(req.session.nbytes + 16 for req in served_reqs)  # every strategy's devices send the same requests
-            for ri, r in enumerate(runs):
-                key = "base" if r.cloud.overlay_empty else r.label
-                if key not in by_key:
-                    cl = serve_candidates(r.cloud, cloud, served_reqs, config.k)
-                    by_key[key] = dict(zip(fidx.tolist(), cl))
-                served[ri] = by_key[key]
-                r.bytes_request += request_bytes
-        timings["retrieval_s"] += time.perf_counter() - t0
-        if base_logs:
-            simple.start_window(max(config.k * 4, 400))
+    # the fleets with devices: driven here, or split by user over Ray actors (``shards.py``)
+    devs = [(ri, r) for ri, r in enumerate(runs) if r.strategy.rerank]
+    dev_index = {ri: fi for fi, (ri, _) in enumerate(devs)}
+    trial_sent: dict[int, int] = {}  # fleet index -> the trial version its devices score (-1: none)
+    fleets: Fleets = LocalFleets([r.fleet for _, r in devs])
+    if fleet_shards > 0 and devs:
+        from tandem.evaluation.shards import FleetShards
 
-        # ---- test, then learn: baselines, bookkeeping and fleets without devices event by event
-        plain = [(ri, r) for ri, r in enumerate(runs) if not r.strategy.rerank]
-        rep_w = np.zeros(w1 - w0, dtype=bool)
-        lives: list[set[int] | None] = []
-        for j in range(w0, w1):
-            u, t, it = int(users[j]), int(ts[j]), int(items[j])
-            lv = live.at(t)
-            live_set = lv[1] if lv is not None else None
-            lives.append(live_set)
-            pos = bool(is_pos[j])
-            if pos:
-                hist = engaged.setdefault(u, set())
-                rep = rep_w[j - w0] = it in hist
-                rel = relevant[j]
-            if pos and base_logs:
-                tb = time.perf_counter()
-                for name, ranking in simple.rankings(u, t, live_set, None if repeat_domain else hist).items():
-                    base_logs[name].add(u, t, ranking, it, rep, rel)
-                timings["baselines_s"] += time.perf_counter() - tb
-            if pos and plain:
-                td = time.perf_counter()
-                for ri, r in plain:
-                    if fetch[j]:
-                        r.fleet.receive(u, t, served[ri][j], bool(sync[j]), tag=j)
-                    ranking = r.fleet.ranking(u, t, live_set, None if repeat_domain else hist)
-                    r.log.add(u, t, ranking[: max(config.ks)], it, rep, rel)
-                    ca = r.fleet.cached_at.get(u)
-                    if ca is not None:
-                        r.list_age_ms.append(t - ca)
-                timings["devices_s"] += time.perf_counter() - td
-            if pos:
-                engaged[u].add(it)
-                if base_logs:
-                    simple.learn(u, it, t)
-            elif is_pos_raw[j]:
-                engaged.setdefault(u, set()).add(it)
-                if base_logs:
-                    simple.observe(u, it, t)
-            if is_pos_raw[j]:
-                d = sessions.get(u)
-                if d is None:
-                    d = sessions[u] = deque(maxlen=session_len)
-                d.append((it, t))
-        # ---- fleets with devices: each device's events in order, batched across devices
-        td = time.perf_counter()
-        devs = [(ri, r) for ri, r in enumerate(runs) if r.strategy.rerank]
-        if devs:
-            window = _Window(w0, users[w0:w1], ts[w0:w1], items[w0:w1], kinds[w0:w1], vals[w0:w1], is_pos[w0:w1], fetch[w0:w1], sync[w0:w1], lives)
-            _device_window(window, devs, served, rep_w, relevant, config)
-        timings["devices_s"] += time.perf_counter() - td
-
-        # ---- the cloud ingests the window (after every prediction in it)
-        t0 = time.perf_counter()
-        wb = whole.take(np.arange(w0, w1))
-        cloud.ingest(wb)
-        if base_logs:
-            pw = np.flatnonzero(is_pos_raw[w0:w1]) + w0
-            simple.ingest(users[pw], items[pw], ts[pw])
-        pending_ingested.append((w0, w1))
-        timings["cloud_train_s"] += time.perf_counter() - t0
-        since_refresh += w1 - w0
-
-        # ---- refresh + aggregation round
-        if since_refresh >= config.refresh_every or w1 == n:
+        fleets = FleetShards([r.fleet for _, r in devs], fleet_shards)
+    try:
+        for w0 in range(0, n, config.batch_size):
+            w1 = min(n, w0 + config.batch_size)
+            # ---- serve: batched retrieval for every fetch in this window (state at window start)
             t0 = time.perf_counter()
-            round_no += 1
-            since_refresh = 0
-            for a, b in pending_ingested:
-                stream_stale_sum += float(((w1 - 1) - np.arange(a, b)).sum())
-                stream_stale_n += b - a
-            pending_ingested = []
-            cloud.refresh()
-            for r in runs:
-                updates: list[DecodedUpdate] = []
-                r.verifier.current_model_version = r.cloud.version
-                for raw, sent_at in sorted(r.fleet.take_outbox(), key=lambda x: x[1]):  # event order (stable)
-                    try:
-                        updates.append(r.verifier.verify(raw))
-                        r.update_staleness.append(w1 - sent_at)
-                    except UpdateRejected:
-                        pass
-                summary = r.strategy.aggregate(round_no, updates, r.cloud)
-                decided = len(r.cloud.trial_log)
-                if r.cloud.refresh(cloud):
-                    r.fleet.set_model(r.cloud.reranker, r.cloud.model_version)
-                r.fleet.set_trial(r.cloud.trial, r.cloud.trial_version)
-                if len(r.cloud.trial_log) > decided:
-                    summary = {**summary, "trial": r.cloud.trial_log[-1]}
-                r.rounds.append(summary)
-            timings["rounds_s"] += time.perf_counter() - t0
-        if progress is not None:
-            progress(w1, n)
+            fidx = np.flatnonzero(fetch[w0:w1]) + w0
+            served: dict[int, dict[int, Candidates]] = {}
+            if len(fidx):
+                served_reqs = window_requests(fidx, users, ts, items, is_pos_raw, w0, sessions, engaged, session_len, repeat_domain, allowed_at)
+                by_key: dict[str, dict[int, Candidates]] = {}
+                request_bytes = sum(req.session.nbytes + 16 for req in served_reqs)  # every strategy's devices send the same requests
+                for ri, r in enumerate(runs):
+                    key = "base" if r.cloud.overlay_empty else r.label
+                    if key not in by_key:
+                        cl = serve_candidates(r.cloud, cloud, served_reqs, config.k)
+                        by_key[key] = dict(zip(fidx.tolist(), cl))
+                    served[ri] = by_key[key]
+                    r.bytes_request += request_bytes
+            timings["retrieval_s"] += time.perf_counter() - t0
+            if base_logs:
+                simple.start_window(max(config.k * 4, 400))
+
+            lives: list[set[int] | None] = []
+            for t in ts[w0:w1].tolist():
+                lv = live.at(t)
+                lives.append(lv[1] if lv is not None else None)
+
+            # ---- fleets with devices: each device's events in order, batched across devices. In
+            # process this runs now; shards run it while this process goes on with the window
+            td = time.perf_counter()
+            if devs:
+                window = Window(np.arange(w0, w1), users[w0:w1], ts[w0:w1], items[w0:w1], kinds[w0:w1], vals[w0:w1], is_pos[w0:w1], fetch[w0:w1], sync[w0:w1], lives)
+                timed = latency_flags(window, [len(r.log) for _, r in devs], config.latency_sample_every)
+                pending = fleets.start_window(window, [served.get(ri, {}) for ri, _ in devs], timed, max(config.ks))
+            timings["devices_s"] += time.perf_counter() - td
+
+            # ---- test, then learn: baselines, bookkeeping and fleets without devices event by event
+            plain = [(ri, r) for ri, r in enumerate(runs) if not r.strategy.rerank]
+            rep_w = np.zeros(w1 - w0, dtype=bool)
+            for j in range(w0, w1):
+                u, t, it = int(users[j]), int(ts[j]), int(items[j])
+                live_set = lives[j - w0]
+                pos = bool(is_pos[j])
+                if pos:
+                    hist = engaged.setdefault(u, set())
+                    rep = rep_w[j - w0] = it in hist
+                    rel = relevant[j]
+                if pos and base_logs:
+                    tb = time.perf_counter()
+                    for name, ranking in simple.rankings(u, t, live_set, None if repeat_domain else hist).items():
+                        base_logs[name].add(u, t, ranking, it, rep, rel)
+                    timings["baselines_s"] += time.perf_counter() - tb
+                if pos and plain:
+                    td = time.perf_counter()
+                    for ri, r in plain:
+                        if fetch[j]:
+                            r.fleet.receive(u, t, served[ri][j], bool(sync[j]), tag=j)
+                        ranking = r.fleet.ranking(u, t, live_set, None if repeat_domain else hist)
+                        r.log.add(u, t, ranking[: max(config.ks)], it, rep, rel)
+                        ca = r.fleet.cached_at.get(u)
+                        if ca is not None:
+                            r.list_age_ms.append(t - ca)
+                    timings["devices_s"] += time.perf_counter() - td
+                if pos:
+                    engaged[u].add(it)
+                    if base_logs:
+                        simple.learn(u, it, t)
+                elif is_pos_raw[j]:
+                    engaged.setdefault(u, set()).add(it)
+                    if base_logs:
+                        simple.observe(u, it, t)
+                if is_pos_raw[j]:
+                    d = sessions.get(u)
+                    if d is None:
+                        d = sessions[u] = deque(maxlen=session_len)
+                    d.append((it, t))
+            # ---- the cloud ingests the window (after every prediction in it)
+            t0 = time.perf_counter()
+            wb = whole.take(np.arange(w0, w1))
+            cloud.ingest(wb)
+            if base_logs:
+                pw = np.flatnonzero(is_pos_raw[w0:w1]) + w0
+                simple.ingest(users[pw], items[pw], ts[pw])
+            pending_ingested.append((w0, w1))
+            timings["cloud_train_s"] += time.perf_counter() - t0
+
+            # ---- what the fleets with devices showed (shards: wait for them), logged in event order
+            td = time.perf_counter()
+            if devs:
+                _log_shown(window, [r for _, r in devs], fleets.finish_window(pending), rep_w, relevant)
+            timings["devices_s"] += time.perf_counter() - td
+            since_refresh += w1 - w0
+
+            # ---- refresh + aggregation round
+            if since_refresh >= config.refresh_every or w1 == n:
+                t0 = time.perf_counter()
+                round_no += 1
+                since_refresh = 0
+                for a, b in pending_ingested:
+                    stream_stale_sum += float(((w1 - 1) - np.arange(a, b)).sum())
+                    stream_stale_n += b - a
+                pending_ingested = []
+                cloud.refresh()
+                new_models: dict[int, tuple[Reranker, int]] = {}
+                new_trials: dict[int, tuple[Reranker | None, int]] = {}
+                for ri, r in enumerate(runs):
+                    updates: list[DecodedUpdate] = []
+                    r.verifier.current_model_version = r.cloud.version
+                    fi = dev_index.get(ri)
+                    outbox = r.fleet.take_outbox() if fi is None else fleets.take_outbox(fi)
+                    for raw, sent_at in sorted(outbox, key=lambda x: x[1]):  # event order (stable)
+                        try:
+                            updates.append(r.verifier.verify(raw))
+                            r.update_staleness.append(w1 - sent_at)
+                        except UpdateRejected:
+                            pass
+                    summary = r.strategy.aggregate(round_no, updates, r.cloud)
+                    decided = len(r.cloud.trial_log)
+                    shipped = r.cloud.refresh(cloud)
+                    trial = (r.cloud.trial, r.cloud.trial_version)
+                    if fi is None:
+                        if shipped:
+                            r.fleet.set_model(r.cloud.reranker, r.cloud.model_version)
+                        r.fleet.set_trial(*trial)
+                    else:
+                        if shipped:
+                            new_models[fi] = (r.cloud.reranker, r.cloud.model_version)
+                        if trial[1] != trial_sent.get(fi, -1):
+                            new_trials[fi] = trial
+                            trial_sent[fi] = trial[1]
+                    if len(r.cloud.trial_log) > decided:
+                        summary = {**summary, "trial": r.cloud.trial_log[-1]}
+                    r.rounds.append(summary)
+                fleets.set_models(new_models, new_trials)
+                timings["rounds_s"] += time.perf_counter() - t0
+            if progress is not None:
+                progress(w1, n)
+        traffic = fleets.traffic()  # per fleet with devices: (bytes up, bytes down, uploads)
+    finally:
+        fleets.close()
 
     if save_to is not None:
         if save_cloud:
@@ -339,10 +387,12 @@ def _run(
     wall = time.perf_counter() - t_start
     timings["other_s"] = max(0.0, wall - sum(timings.values()))
     timings["replay_total_s"] = wall
+    timings.update(fleets.timings())  # device work itself (with shards: the busiest shard's per window, and the overheads)
     dd = device_days(users, ts)
     stream_stale = stream_stale_sum / max(stream_stale_n, 1)
     results: list[StrategyResult] = []
-    for r in runs:
+    for ri, r in enumerate(runs):
+        up, down, uploads = traffic[dev_index[ri]] if ri in dev_index else (r.fleet.bytes_up, r.fleet.bytes_down, r.fleet.uploads)
         results.append(
             _summarize(
                 r.label,
@@ -352,10 +402,10 @@ def _run(
                 r.log,
                 config,
                 dd,
-                bytes_up=r.fleet.bytes_up,
+                bytes_up=up,
                 bytes_request=r.bytes_request,
-                bytes_down=r.fleet.bytes_down,
-                uploads=r.fleet.uploads,
+                bytes_down=down,
+                uploads=uploads,
                 rejected={k: v for k, v in r.verifier.rejected.items() if v},
                 latencies=np.asarray(r.latencies),
                 staleness={
@@ -375,7 +425,7 @@ def _run(
         n_users=int(len(np.unique(users))),
         n_items=int(len(np.unique(items))),
         device_days=dd,
-        config={**dataclasses.asdict(config), "repeat_domain": repeat_domain, "cloud": type(cloud).__name__, "fusion_weights": _fusion_weights(cloud)},
+        config={**dataclasses.asdict(config), **({"fleet_shards": fleet_shards} if fleet_shards else {}), "repeat_domain": repeat_domain, "cloud": type(cloud).__name__, "fusion_weights": _fusion_weights(cloud)},
         results=results,
         wall_s=wall,
         timings=timings,
@@ -385,89 +435,16 @@ def _run(
     return out
 
 
-@dataclass
-class _Window:
-    """One mini-batch of events (window-relative arrays) and the live view at each."""
-
-    w0: int
-    users: np.ndarray
-    ts: np.ndarray
-    items: np.ndarray
-    kinds: np.ndarray
-    vals: np.ndarray
-    is_pos: np.ndarray
-    fetch: np.ndarray
-    sync: np.ndarray
-    lives: list[set[int] | None]
-
-    def waves(self) -> list[list[int]]:
-        """Window offsets grouped by each user's n-th event here: wave n holds every user's
-        n-th event, in event order. A device sees its own events in order; devices are
-        independent within a window (the served lists and shared reranker are fixed)."""
-        seen: dict[int, int] = {}
-        out: list[list[int]] = []
-        for o, u in enumerate(self.users.tolist()):
-            n = seen.get(u, 0)
-            seen[u] = n + 1
-            if n == len(out):
-                out.append([])
-            out[n].append(o)
-        return out
-
-
-def _device_window(
-    w: _Window,
-    runs: list[tuple[int, _Run]],
-    served: dict[int, dict[int, Candidates]],
-    rep_w: np.ndarray,
-    relevant: Sequence[set[int] | None],
-    config: EvalConfig,
-) -> None:
-    """Test, then learn, for the fleets with devices over one window, wave by wave.
-
-    Same results as replaying the window event by event: every device handles its own
-    events in order (fetch and sync, re-score, the ranking tested, then the action), and
-    nothing a device does reads another device's state. What changes is the batching:
-    the re-scores of a wave (up to one per device) run as one forward pass per shared
-    model and list length (``rescore_devices``), and the syncs' personalization steps as
-    one forward and backward pass per step (``StrategyFleet.receive_many``). Points are logged in event order, and
-    uploads are put back in event order before each round (their tag is the event index).
-    """
-    w0, maxk, every = w.w0, max(config.ks), config.latency_sample_every
-    n_pos_before = np.cumsum(w.is_pos) - w.is_pos  # points logged in this window before each event
-    logged0 = {ri: len(r.log) for ri, r in runs}
-    shown: dict[tuple[int, int], tuple[np.ndarray, float | None, int | None]] = {}
-    for wave in w.waves():
-        pos_wave = [o for o in wave if w.is_pos[o]]
-        fetches = [o for o in pos_wave if w.fetch[o]]
-        for ri, r in runs:  # phase 1: fetches and the syncs (personalization batched) and uploads that go with them
-            r.fleet.receive_many([(int(w.users[o]), int(w.ts[o]), served[ri][w0 + o], bool(w.sync[o]), w0 + o) for o in fetches])
-        # phase 2: one forward per shared model and list length for every device that must re-score
-        reqs = []
-        for _, r in runs:
-            for o in pos_wave:
-                dev = r.fleet.device(int(w.users[o]))
-                if dev is not None:
-                    reqs.append((dev, int(w.ts[o]), w.lives[o]))
-        rescore_devices(reqs)
-        for ri, r in runs:  # phase 3: test (the ranking the user sees now), then learn
-            for o in pos_wave:
-                u, t = int(w.users[o]), int(w.ts[o])
-                dev = r.fleet.device(u)
-                lat = None
-                if dev is not None and (logged0[ri] + int(n_pos_before[o])) % every == 0:
-                    lat = time_single_rescore(dev, t)
-                ranking = r.fleet.ranking(u, t, w.lives[o], None)  # a device applies its own consumed filter
-                shown[ri, o] = (ranking[:maxk], lat, r.fleet.cached_at.get(u))
-            for o in wave:
-                r.fleet.observe(int(w.users[o]), int(w.ts[o]), int(w.items[o]), int(w.kinds[o]), float(w.vals[o]), bool(w.is_pos[o]), tag=w0 + o)
-    for ri, r in runs:
+def _log_shown(w: Window, runs: Sequence[_Run], shown: Shown, rep_w: np.ndarray, relevant: Sequence[set[int] | None]) -> None:
+    """Log what ``device_waves`` says each fleet showed, point by point in event order."""
+    for fi, r in enumerate(runs):
         for o in np.flatnonzero(w.is_pos).tolist():
-            ranking, lat, ca = shown[ri, o]
+            j = int(w.idx[o])
+            ranking, lat, ca = shown[fi, j]
             u, t = int(w.users[o]), int(w.ts[o])
             if lat is not None:
                 r.latencies.append(lat)
-            r.log.add(u, t, ranking, int(w.items[o]), bool(rep_w[o]), relevant[w0 + o])
+            r.log.add(u, t, ranking, int(w.items[o]), bool(rep_w[o]), relevant[j])
             if ca is not None:
                 r.list_age_ms.append(t - ca)
 
