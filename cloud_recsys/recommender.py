@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -110,6 +110,9 @@ class RecommenderConfig:
         fusion: the ranking model.
         two_tower: the TorchRec two-tower (sizes; ``user_id_dropout`` lets the session carry
             the query for cold users).
+        max_session_users: users whose recent items (and, in feeds, consumed items) the cloud
+            keeps for requests without a session; the least recently active are forgotten
+            beyond it (memory stays bounded on an endless stream of new users).
         seed: sampling seed.
     """
 
@@ -121,6 +124,7 @@ class RecommenderConfig:
     i2i_window: int = 3
     session_gap_ms: int = 30 * 60_000
     train_lists: int = 256
+    max_session_users: int = 1_000_000
     fusion: FusionConfig = field(default_factory=FusionConfig)
     two_tower: TwoTowerConfig = field(default_factory=lambda: TwoTowerConfig(user_id_dropout=0.3))
     seed: int = 0
@@ -187,7 +191,7 @@ class CloudRecommender:
         self.has_vector = np.zeros(0, bool)
         self.index_config = index_config or TWO_TOWER_INDEX
         self.index = ItemIndex(self.dim, self.index_config)  # ids: recommender rows with a vector
-        self.sessions: dict[int, deque[tuple[int, int]]] = {}
+        self.sessions: OrderedDict[int, deque[tuple[int, int]]] = OrderedDict()  # least recently active first
         self.consumed: dict[int, set[int]] = {}
         self.rng = np.random.default_rng(cfg.seed)
         self.version = 0
@@ -260,6 +264,7 @@ class CloudRecommender:
         if not isinstance(trainer_state, dict):  # written before the recommender pickled its trainer
             raise ValueError("a cloud recommender saved without its trainer state (an older checkpoint format): retrain or start fresh")
         self.__dict__.update(state)
+        self.sessions = OrderedDict(self.sessions)  # a plain dict before sessions were bounded
         self.trainer = OnlineTrainer(self.config.two_tower)
         self.trainer.load_state_dict(trainer_state)
 
@@ -292,9 +297,14 @@ class CloudRecommender:
                 targets.append(i)
             if d is None:
                 d = self.sessions[u] = deque(maxlen=L)
+            else:
+                self.sessions.move_to_end(u)
             d.append((i, t))
             if self.exclude_consumed:
                 self.consumed.setdefault(u, set()).add(i)
+        while len(self.sessions) > self.config.max_session_users:
+            old_user, _ = self.sessions.popitem(last=False)
+            self.consumed.pop(old_user, None)
         if reqs:
             lists, tgt = [], []
             for (feats, ids, _, _), target in zip(self._candidates(reqs, self.vectors, None), targets):

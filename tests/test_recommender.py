@@ -315,3 +315,14 @@ def test_channel_top_equals_per_request_filter_and_sort() -> None:
         r_, sc = r_[good], sc[good]
         r_, sc = r_[ok[r_]], sc[ok[r_]]
         assert got[tb[j] : tb[j + 1]].tolist() == r_[np.lexsort((r_, -sc))][:k].tolist()
+
+
+def test_the_cloud_forgets_the_least_recently_active_users_beyond_its_cap() -> None:
+    """Sessions kept for fetches without one are bounded: the least recently active user goes first."""
+    rec = _small(max_session_users=3)
+    rec.exclude_consumed = True
+    rec.ingest(_batch([1, 2, 3], [10, 11, 12], [1_000, 2_000, 3_000]))
+    rec.ingest(_batch([1, 4], [13, 14], [4_000, 5_000]))  # user 1 active again; user 4 is new: user 2 goes
+    assert list(rec.sessions) == [3, 1, 4] and set(rec.consumed) == {1, 3, 4}
+    assert rec.session_of(2).item_ids.size == 0
+    assert rec.session_of(1).item_ids.tolist() == [10, 13]
